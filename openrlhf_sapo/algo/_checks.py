@@ -46,13 +46,24 @@ def check_float(x: torch.Tensor, name: str, mask: torch.Tensor, finite: bool = T
         )
     if x.device != mask.device:
         raise ValueError(f"{name} is on {x.device} but action_mask is on {mask.device}; move them to one device")
-    if finite and not bool(torch.isfinite(x).logical_or(~mask).all()):
-        raise ValueError(f"{name} contains NaN or inf on valid (action_mask=1) tokens; check the model outputs")
-    return x.float()
+    x = x.float()
+    # Fast path, one reduction: a finite sum proves every element finite (NaN or inf would
+    # propagate); only a non-finite sum (or an overflow) pays for the element-wise check.
+    if finite and not bool(torch.isfinite(x.sum())):
+        if not bool(torch.isfinite(x).logical_or(~mask).all()):
+            raise ValueError(f"{name} contains NaN or inf on valid (action_mask=1) tokens; check the model outputs")
+        # Non-finite padding: zero it before any arithmetic, or 0 * NaN poisons the backward.
+        x = torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    return x
 
 
-def check_ends(segment_ends: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Segment ends as bool [B, T], restricted to valid tokens, with each response's last valid token an end."""
+def check_ends(segment_ends: torch.Tensor, mask: torch.Tensor, close: bool = True) -> torch.Tensor:
+    """Segment ends as bool [B, T] restricted to valid tokens.
+
+    With `close`, each response's last valid token is made an end (spec 1). Grouping tokens
+    into segments does not need it (tokens after the last end form the final segment by
+    themselves), reading one value per segment does.
+    """
     if not isinstance(segment_ends, torch.Tensor) or segment_ends.dtype != torch.bool:
         got = segment_ends.dtype if isinstance(segment_ends, torch.Tensor) else type(segment_ends).__name__
         raise ValueError(f"segment_ends must be a bool tensor [B, T] from a segmenter, got {got}")
@@ -60,6 +71,8 @@ def check_ends(segment_ends: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         raise ValueError(
             f"segment_ends has shape {tuple(segment_ends.shape)} but action_mask has shape {tuple(mask.shape)}"
         )
+    if not close:
+        return segment_ends & mask
     from .segments import close_last_segment  # local import: segments imports this module
 
     return close_last_segment(segment_ends, mask)
@@ -85,6 +98,12 @@ def check_positive(value: Optional[float], name: str, allow_none: bool = False, 
     return float(value)
 
 
+def check_nonnegative(value: float, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
 def check_positive_int(value: int, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -95,5 +114,6 @@ def topk_fraction(topk_percent: float) -> Fraction:
     """topk_percent / 100 as an exact fraction (30.0 -> 3/10) so k = ceil(n * p / 100) is exact."""
     if isinstance(topk_percent, bool) or not isinstance(topk_percent, (int, float)) or not (0 < topk_percent <= 100):
         raise ValueError(f"topk_percent must be in (0, 100], got {topk_percent!r}")
-    # Decimal string -> fraction: 33.3 means 333/10, not the binary float nearest it.
-    return Fraction(repr(float(topk_percent))) / 100
+    # The decimal the user meant: 33.3 is 333/10, not the binary float nearest it, and float noise
+    # such as 0.010000000000000002 is 1/100 (a bounded denominator also keeps n * p in int64).
+    return Fraction(repr(float(topk_percent))).limit_denominator(10**6) / 100

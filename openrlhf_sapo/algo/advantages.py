@@ -63,18 +63,18 @@ def segment_gae(
 
     seg_ids = segment_ids(mask, ends)
     num_segments = int(ends.sum(dim=1).max()) if ends.numel() else 0
-    seg_rewards = segment_sum(rewards, mask, seg_ids)[:, :num_segments]
+    seg_rewards = segment_sum(rewards, seg_ids)[:, :num_segments]
     reads = value_read_positions(mask, ends, value_at)
-    seg_values = segment_sum(values, reads, seg_ids)[:, :num_segments]  # one read per segment
+    seg_values = segment_sum(values * reads, seg_ids)[:, :num_segments]  # one read per segment
     # Columns past a row's last segment are 0, so V_{M+1} = 0 and padding adds nothing.
     next_values = torch.nn.functional.pad(seg_values[:, 1:], (0, 1))
     deltas = seg_rewards + gamma * next_values - seg_values
     seg_advantages = discounted_reverse_cumsum(deltas, gamma * lambd)
     seg_returns = seg_advantages + seg_values
 
-    pad = (0, mask.shape[1] - num_segments)
-    advantages = to_tokens(torch.nn.functional.pad(seg_advantages, pad), mask, seg_ids)
-    returns = to_tokens(torch.nn.functional.pad(seg_returns, pad), mask, seg_ids)
+    pad = (0, mask.shape[1] + 1 - num_segments)  # back to [B, T + 1]: zeros, dump column included
+    advantages = to_tokens(torch.nn.functional.pad(seg_advantages, pad), seg_ids)
+    returns = to_tokens(torch.nn.functional.pad(seg_returns, pad), seg_ids)
     return advantages, returns
 
 

@@ -6,15 +6,16 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-from ._checks import check_choice, check_ends, check_float, check_mask, check_positive
+from ._checks import check_choice, check_ends, check_float, check_mask, check_nonnegative, check_positive
 from .advantages import VALUE_AT
-from .segments import segment_ids, segment_lengths, segment_sum, to_tokens, value_read_positions
+from .segments import segment_average, segment_ids, value_read_positions
 
 LOG_RATIO_CLAMP = 20.0
 
 
 def masked_token_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over the masked tokens of the batch; 0 (not NaN) when there are none."""
+    # where, not x * mask: padding may hold inf (huge advantages times a clamped ratio), and inf * 0 = NaN.
     return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device)).sum() / mask.sum().clamp(min=1)
 
 
@@ -22,13 +23,8 @@ def segment_mean(x: torch.Tensor, action_mask: torch.Tensor, segment_ends: torch
     """Per token, the mean of x over the valid tokens of its segment (0 on invalid tokens). Differentiable."""
     mask = check_mask(action_mask)
     x = check_float(x, "x", mask)
-    ends = check_ends(segment_ends, mask)
-    return _segment_mean(x, mask, segment_ids(mask, ends))
-
-
-def _segment_mean(x: torch.Tensor, mask: torch.Tensor, seg_ids: torch.Tensor) -> torch.Tensor:
-    mean = segment_sum(x, mask, seg_ids) / segment_lengths(mask, seg_ids).clamp(min=1)
-    return to_tokens(mean, mask, seg_ids)
+    ends = check_ends(segment_ends, mask, close=False)
+    return segment_average(x, segment_ids(mask, ends))
 
 
 # ---------------------------------------------------------------- importance ratios
@@ -42,12 +38,12 @@ def token_log_ratio(log_ratio: torch.Tensor, mask: torch.Tensor, ends: torch.Ten
 
 def segment_log_ratio(log_ratio: torch.Tensor, mask: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
     """log s_m: the mean token log-ratio of the segment, i.e. the log of the geometric-mean ratio."""
-    return _segment_mean(log_ratio, mask, segment_ids(mask, ends))
+    return segment_average(log_ratio, segment_ids(mask, ends))
 
 
 def sequence_log_ratio(log_ratio: torch.Tensor, mask: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
     """GSPO's sequence ratio: the whole response as one segment."""
-    return _segment_mean(log_ratio, mask, torch.zeros_like(log_ratio, dtype=torch.long))
+    return segment_average(log_ratio, torch.zeros_like(log_ratio, dtype=torch.long).masked_fill_(~mask, mask.shape[1]))
 
 
 LOG_RATIOS: Dict[str, Callable[..., torch.Tensor]] = {
@@ -65,9 +61,10 @@ def clipped_surrogate(
     dual_clip: Optional[float],
 ) -> torch.Tensor:
     """Per-token PPO loss max(-A s, -A clip(s)), capped at -A c for A < 0 by the dual clip."""
-    loss = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - clip_eps_low, 1 + clip_eps_high))
+    neg_adv = -advantages
+    loss = torch.maximum(neg_adv * ratio, neg_adv * ratio.clamp(1 - clip_eps_low, 1 + clip_eps_high))
     if dual_clip is not None:
-        loss = torch.where(advantages < 0, torch.minimum(loss, -advantages * dual_clip), loss)
+        loss = torch.minimum(loss, neg_adv * dual_clip).where(advantages < 0, loss)
     return loss
 
 
@@ -92,9 +89,9 @@ def sapo_policy_loss(
     log_probs = check_float(log_probs, "log_probs", mask)
     old_log_probs = check_float(old_log_probs, "old_log_probs", mask)
     advantages = check_float(advantages, "advantages", mask)
-    ends = check_ends(segment_ends, mask)
-    clip_eps_low = check_positive(clip_eps_low, "clip_eps_low", above=-1e-12)
-    clip_eps_high = check_positive(clip_eps_high, "clip_eps_high", above=-1e-12)
+    ends = check_ends(segment_ends, mask, close=False)  # the ratio only groups tokens
+    clip_eps_low = check_nonnegative(clip_eps_low, "clip_eps_low")
+    clip_eps_high = check_nonnegative(clip_eps_high, "clip_eps_high")
     dual_clip = check_positive(dual_clip, "dual_clip", allow_none=True, above=1.0)
 
     log_ratio = (log_probs - old_log_probs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)

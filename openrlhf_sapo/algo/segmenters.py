@@ -30,12 +30,18 @@ def entropy_segment_ends(entropy: torch.Tensor, action_mask: torch.Tensor, topk_
     entropy = check_float(entropy, "entropy", mask)
     n_valid = mask.long().sum(dim=1, keepdim=True)
     k = (-((-n_valid * fraction.numerator) // fraction.denominator)).clamp(min=1)
+    if mask.numel() == 0:
+        return mask.clone()
     scores = entropy.masked_fill(~mask, float("-inf"))
-    # A stable descending sort keeps equal entropies in index order: lowest index wins ties.
-    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
-    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(order)
-    rank = torch.empty_like(order).scatter_(1, order, positions)
-    return close_last_segment(rank < k, mask)
+    # The k-th largest entropy of each row, from one top-k over the largest k (cheaper than a sort).
+    top = torch.topk(scores, int(k.max()), dim=1, sorted=True).values
+    threshold = top.gather(1, k - 1)
+    above = scores > threshold
+    # Among tokens tied at the threshold, the lowest indices fill the remaining slots.
+    tied = scores == threshold
+    slots = k - above.sum(dim=1, keepdim=True)
+    ends = above | (tied & (tied.long().cumsum(dim=1) <= slots))
+    return close_last_segment(ends, mask)
 
 
 def newline_segment_ends(token_ids: torch.Tensor, action_mask: torch.Tensor, newline_table: torch.Tensor) -> torch.Tensor:
@@ -77,7 +83,9 @@ def step_segment_ends(
     ids = torch.where(mask, token_ids, torch.full_like(token_ids, len(texts) - 1)).cpu().numpy()
     if ids.size and ids.max() >= len(texts):
         raise ValueError(f"token_ids exceed token_texts' vocabulary size {len(texts) - 1}")
-    pieces = np.concatenate([texts[ids], np.full((B, 1), "\0", dtype=object)], axis=1).ravel()
+    separator = np.empty((B, 1), dtype=object)
+    separator.fill("\0")  # not np.full: numpy strips NUL characters from the fill string
+    pieces = np.concatenate([texts[ids], separator], axis=1).ravel()
     char_end = np.cumsum(np.fromiter(map(len, pieces), dtype=np.int64, count=pieces.size))
     match_starts = np.fromiter((m.start() for m in regex.finditer("".join(pieces))), dtype=np.int64)
     flat = np.searchsorted(char_end, match_starts, side="right")

@@ -1,9 +1,11 @@
 """Segment bookkeeping: from per-token segment ends to segment ids, sums, means and reads.
 
-Layout. Token tensors are [B, T] over response tokens. A "segment-space" tensor is also
-[B, T], but column m holds segment m of the row (rows have at most T segments; columns past
-a row's segment count are 0). Every reduction is one scatter over [B, T] and every
-broadcast back one gather, so nothing loops over samples and autograd flows through both.
+Layout. Token tensors are [B, T] over response tokens. A "segment-space" tensor is
+[B, T + 1]: column m < T holds segment m of the row (a row has at most T segments; columns
+past its segment count are 0) and column T is a dump that collects the invalid tokens, so no
+reduction needs a mask and every broadcast back reads 0 for them. Each reduction is one
+scatter and each broadcast one gather: nothing loops over samples, and autograd flows
+through both.
 """
 
 from __future__ import annotations
@@ -23,39 +25,63 @@ def close_last_segment(segment_ends: torch.Tensor, action_mask: torch.Tensor) ->
 
 
 def segment_ids(action_mask: torch.Tensor, segment_ends: torch.Tensor) -> torch.Tensor:
-    """long [B, T]: index of the segment each token belongs to (number of ends strictly before it).
+    """long [B, T]: the segment of each valid token (number of ends before it); T for invalid tokens.
 
-    Invalid tokens get an in-range id too (< T) so they can be scattered with zero weight.
+    `segment_ends` must already be restricted to valid tokens. Tokens after a row's last end
+    form one more segment, so grouping does not need the last valid token to be an end.
     """
     ends = segment_ends.long()
-    return ends.cumsum(dim=1) - ends
+    return (ends.cumsum(dim=1) - ends).masked_fill_(~action_mask, action_mask.shape[1])
 
 
-def segment_sum(x: torch.Tensor, action_mask: torch.Tensor, seg_ids: torch.Tensor) -> torch.Tensor:
-    """Segment-space sum of x over the valid tokens of each segment."""
-    weighted = torch.where(action_mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
-    return torch.zeros_like(weighted).scatter_add(1, seg_ids, weighted)
+def segment_sum(x: torch.Tensor, seg_ids: torch.Tensor) -> torch.Tensor:
+    """Segment-space [B, T + 1] sums of x; column T (invalid tokens) is zeroed."""
+    out = x.new_zeros(x.shape[0], x.shape[1] + 1).scatter_add_(1, seg_ids, x)
+    out[:, -1] = 0
+    return out
 
 
-def to_tokens(seg_x: torch.Tensor, action_mask: torch.Tensor, seg_ids: torch.Tensor) -> torch.Tensor:
-    """Broadcast a segment-space tensor back to the tokens of each segment (0 on invalid tokens)."""
-    per_token = seg_x.gather(1, seg_ids)
-    return torch.where(action_mask, per_token, torch.zeros((), dtype=per_token.dtype, device=per_token.device))
+def to_tokens(seg_x: torch.Tensor, seg_ids: torch.Tensor) -> torch.Tensor:
+    """Broadcast segment-space [B, T + 1] values (dump column 0) back to the tokens: 0 on invalid tokens."""
+    return seg_x.gather(1, seg_ids)
 
 
-def segment_lengths(action_mask: torch.Tensor, seg_ids: torch.Tensor) -> torch.Tensor:
-    """Segment-space count of valid tokens per segment (float, 0 past the row's last segment)."""
-    return segment_sum(action_mask.float(), action_mask, seg_ids)
+def segment_lengths(seg_ids: torch.Tensor) -> torch.Tensor:
+    """Segment-space float count of valid tokens per segment (0 past the row's last segment)."""
+    return segment_sum(torch.ones(seg_ids.shape, device=seg_ids.device), seg_ids)
+
+
+class SegmentAverage(torch.autograd.Function):
+    """Per token, the mean of x over its segment's valid tokens (0 on invalid tokens).
+
+    Averaging within segments is a symmetric projection (P[t, u] = 1/|z| when t, u share a
+    segment z), so its backward is the same averaging applied to the gradient: one scatter and
+    one gather each way, and nothing saved but the layout.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, seg_ids: torch.Tensor) -> torch.Tensor:
+        inv_length = segment_lengths(seg_ids).clamp_(min=1).reciprocal_()
+        ctx.save_for_backward(seg_ids, inv_length)
+        return to_tokens(segment_sum(x, seg_ids).mul_(inv_length), seg_ids)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        seg_ids, inv_length = ctx.saved_tensors
+        return to_tokens(segment_sum(grad.contiguous(), seg_ids).mul_(inv_length), seg_ids), None
+
+
+def segment_average(x: torch.Tensor, seg_ids: torch.Tensor) -> torch.Tensor:
+    return SegmentAverage.apply(x, seg_ids)
 
 
 def segment_starts(action_mask: torch.Tensor, segment_ends: torch.Tensor) -> torch.Tensor:
     """bool [B, T]: the first valid token of every segment (the paper's s_m = (x, y_<b_m))."""
     seg_ids = segment_ids(action_mask, segment_ends)
-    T = action_mask.shape[1]
-    position = torch.arange(T, device=action_mask.device).expand_as(seg_ids)
-    # Invalid tokens get position T, so they never win the min.
-    position = torch.where(action_mask, position, torch.full_like(position, T))
-    first = torch.full_like(position, T).scatter_reduce(1, seg_ids, position, reduce="amin", include_self=True)
+    B, T = action_mask.shape
+    position = torch.arange(T, device=action_mask.device).expand(B, T)
+    first = torch.full((B, T + 1), T, device=action_mask.device, dtype=torch.long)
+    first.scatter_reduce_(1, seg_ids, position, reduce="amin")
     return action_mask & (first.gather(1, seg_ids) == position)
 
 

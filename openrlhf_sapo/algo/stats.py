@@ -24,7 +24,7 @@ def segment_statistics(
     mask = check_mask(action_mask)
     ends = check_ends(segment_ends, mask)
     seg_ids = segment_ids(mask, ends)
-    lengths = segment_lengths(mask, seg_ids)
+    lengths = segment_lengths(seg_ids)[:, :-1]
     num_segments = ends.sum(dim=1).float()
     stats = {
         "segments_per_response": num_segments,
