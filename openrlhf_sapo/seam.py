@@ -1,15 +1,24 @@
 """The seam to upstream OpenRLHF: the one module that imports it for the rest of the project.
 
 It checks the installed openrlhf is the pinned release (our extensions are written against
-its internals), prepares a CPU-only process (utils/cpu_compat.py) and lists every upstream
-symbol the project uses, subclasses, wraps or rebinds, so an upstream change fails here with
-a clear message instead of deep inside a training step.
+its internals), prepares a CPU-only process (utils/cpu_compat.py), lists every upstream symbol
+the project uses, subclasses, wraps or rebinds, and applies the rebindings:
+
+- `apply_patches()` makes upstream build SAPO's classes (SegmentExperience,
+  SegmentExperienceMaker, SegmentActorPPOTrainer, and SAPO's remote trainer/actor classes).
+  It runs in the driver before any Ray actor is created AND at the start of every Ray worker
+  SAPO creates (`sapo_remote_class`): Ray pickles remote classes by value with the module
+  globals they reference as the driver had them, while plain classes are imported afresh
+  in each worker; patching on both sides covers both. Each rebinding checks that it replaces
+  the upstream object it expects, so an upstream change fails here with a clear message.
+- `install_for_training(args)` is what the CLI calls before upstream's `train(args)`.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import inspect
 
 from . import OPENRLHF_VERSION
 from .utils import cpu_compat
@@ -35,21 +44,153 @@ def check_openrlhf_version() -> str:
     return installed
 
 
-# (module, attribute, how we use it). Imported and checked by `upstream()`.
+# (module, attribute, how we use it). Every upstream symbol the project touches.
 UPSTREAM_SYMBOLS = (
-    ("openrlhf.models.loss", "PolicyLoss", "bench baseline; base of the segment-ratio actor loss"),
-    ("openrlhf.models.loss", "ValueLoss", "bench baseline; base of the segment critic loss"),
-    ("openrlhf.trainer.ppo_utils.experience_maker", "RemoteExperienceMaker", "token GAE baseline (bench)"),
+    ("openrlhf.models.loss", "PolicyLoss", "subclassed: SegmentPolicyLoss (segment ratio); bench baseline"),
+    ("openrlhf.models.loss", "ValueLoss", "bench baseline; the critic keeps it, on a boundary mask"),
+    ("openrlhf.trainer.ppo_utils.experience", "Experience", "subclassed: SegmentExperience; rebound"),
+    ("openrlhf.trainer.ppo_utils.experience", "tensor_field", "declares SegmentExperience's fields"),
+    ("openrlhf.trainer.ppo_utils.experience_maker", "RemoteExperienceMaker", "subclassed: SegmentExperienceMaker"),
+    ("openrlhf.trainer.ray.ppo_actor", "ActorPPOTrainer", "subclassed: SegmentActorPPOTrainer; rebound"),
+    ("openrlhf.trainer.ray.ppo_actor", "PolicyModelActor", "remote subclass: entropy in the experience forward"),
+    ("openrlhf.trainer.ray.ppo_critic", "CriticModelActor", "remote subclass: boundary-masked critic buffer"),
+    ("openrlhf.trainer.ppo_trainer", "PPOTrainer", "remote subclass applying the patches in its worker"),
+    ("openrlhf.trainer.ppo_trainer_async", "PPOTrainerAsync", "remote subclass applying the patches"),
+    ("openrlhf.trainer.ppo_trainer_async", "TrainingActor", "remote subclass applying the patches"),
+    ("openrlhf.trainer.ppo_trainer_async", "GenerateSamplesActor", "remote subclass applying the patches"),
+    ("openrlhf.trainer.ray.vllm_engine", "RolloutRayActor", "remote subclass: vLLM pipeline parallel"),
+    ("openrlhf.trainer.ray.vllm_engine", "create_vllm_engines", "placement for pipeline-parallel engines"),
 )
+
+
+def prepare() -> None:
+    check_openrlhf_version()
+    cpu_compat.apply()
 
 
 def upstream(module: str, attribute: str):
     """Import one listed upstream symbol after the version check and CPU preparation."""
     if (module, attribute) not in {(m, a) for m, a, _ in UPSTREAM_SYMBOLS}:
         raise KeyError(f"{module}.{attribute} is not listed in openrlhf_sapo.seam.UPSTREAM_SYMBOLS; add it there")
-    check_openrlhf_version()
-    cpu_compat.apply()
+    prepare()
     try:
-        return getattr(importlib.import_module(module), attribute)
+        # Upstream's own object, also after apply_patches() rebound the name to SAPO's.
+        return _upstream_original(getattr(importlib.import_module(module), attribute))
     except (ImportError, AttributeError) as err:
         raise UpstreamMismatch(f"openrlhf=={OPENRLHF_VERSION} should provide {module}.{attribute}: {err}") from err
+
+
+def replaced_by(replacement):
+    """The upstream object a SAPO replacement stands for: a remote class records it, a plain
+    subclass is its first base."""
+    return vars(replacement).get("__sapo_replaces__") or replacement.__bases__[0]
+
+
+def _upstream_original(obj):
+    """The upstream object behind obj (obj itself unless it is one of SAPO's replacements)."""
+    is_ours = "__sapo_replaces__" in getattr(obj, "__dict__", {}) or (
+        isinstance(obj, type) and obj.__module__.startswith("openrlhf_sapo")
+    )
+    return replaced_by(obj) if is_ours else obj
+
+
+def rebind(module: str, attribute: str, replacement) -> None:
+    """Point `module.attribute` at SAPO's replacement, checking it was upstream's object."""
+    mod = importlib.import_module(module)
+    current = getattr(mod, attribute, None)
+    if current is replacement:
+        return
+    expected = replaced_by(replacement)
+    if _upstream_original(current) is not expected:
+        raise UpstreamMismatch(
+            f"{module}.{attribute} is {current!r}, not the upstream object openrlhf_sapo replaces "
+            f"({expected!r}); openrlhf=={OPENRLHF_VERSION} changed or another patch ran first"
+        )
+    setattr(mod, attribute, replacement)
+
+
+def sapo_remote_class(remote_cls, mixin=None):
+    """A Ray remote subclass of an upstream remote class that applies the patches in its worker.
+
+    `mixin` adds or overrides methods (it precedes the upstream class in the MRO). The Ray
+    options (e.g. num_gpus=1) are upstream's.
+    """
+    import ray
+
+    base = remote_cls.__ray_actor_class__
+    if inspect.iscoroutinefunction(base.__init__):
+
+        async def __init__(self, *args, **kwargs):
+            apply_patches()
+            await base.__init__(self, *args, **kwargs)
+
+    else:
+
+        def __init__(self, *args, **kwargs):
+            apply_patches()
+            base.__init__(self, *args, **kwargs)
+
+    bases = (mixin, base) if mixin is not None else (base,)
+    cls = type(f"Sapo{base.__name__}", bases, {"__init__": __init__, "__module__": (mixin or base).__module__})
+    remote = ray.remote(**remote_cls._default_options)(cls) if remote_cls._default_options else ray.remote(cls)
+    remote.__sapo_replaces__ = remote_cls
+    return remote
+
+
+_applied = False
+
+
+def patch_table():
+    """(module, attribute, replacement) for every rebinding, driver and workers alike."""
+    from .trainer.ppo_trainer import (
+        SapoGenerateSamplesActor,
+        SapoPPOTrainer,
+        SapoPPOTrainerAsync,
+        SapoTrainingActor,
+    )
+    from .trainer.ppo_utils.experience import SegmentExperience
+    from .trainer.ppo_utils.experience_maker import SegmentExperienceMaker
+    from .trainer.ray.ppo_actor import SapoPolicyModelActor, SegmentActorPPOTrainer
+    from .trainer.ray.ppo_critic import SapoCriticModelActor
+
+    experience_users = (
+        "openrlhf.trainer.ppo_utils.experience",  # concat/split/make_experience_batch build it
+        "openrlhf.trainer.ppo_utils",
+        "openrlhf.trainer.ppo_utils.samples_generator",  # builds every rollout sample
+        "openrlhf.trainer.ppo_utils.experience_maker",
+        "openrlhf.trainer.ray.ppo_actor",
+        "openrlhf.trainer.ray.ppo_critic",
+    )
+    return (
+        *((module, "Experience", SegmentExperience) for module in experience_users),
+        ("openrlhf.trainer.ppo_trainer", "RemoteExperienceMaker", SegmentExperienceMaker),
+        ("openrlhf.trainer.ray.ppo_actor", "ActorPPOTrainer", SegmentActorPPOTrainer),
+        ("openrlhf.trainer.ray.ppo_actor", "PolicyModelActor", SapoPolicyModelActor),
+        ("openrlhf.trainer.ray.ppo_critic", "CriticModelActor", SapoCriticModelActor),
+        ("openrlhf.cli.train_ppo_ray", "PolicyModelActor", SapoPolicyModelActor),
+        ("openrlhf.cli.train_ppo_ray", "CriticModelActor", SapoCriticModelActor),
+        ("openrlhf.trainer.ppo_trainer", "PPOTrainer", SapoPPOTrainer),  # train() imports it lazily
+        ("openrlhf.trainer.ppo_trainer_async", "PPOTrainerAsync", SapoPPOTrainerAsync),
+        ("openrlhf.trainer.ppo_trainer_async", "TrainingActor", SapoTrainingActor),
+        ("openrlhf.trainer.ppo_trainer_async", "GenerateSamplesActor", SapoGenerateSamplesActor),
+    )
+
+
+def apply_patches() -> None:
+    """Make upstream build SAPO's classes in this process. Idempotent; safe for every estimator
+    (SAPO's classes behave exactly as upstream's unless the estimator is sapo)."""
+    global _applied
+    if _applied:
+        return
+    prepare()
+    for module, attribute, replacement in patch_table():
+        rebind(module, attribute, replacement)
+    _applied = True
+
+
+def install_for_training(args) -> None:
+    """Everything the driver needs before upstream's train(args): patches and vLLM pipeline parallel."""
+    apply_patches()
+    from .trainer.ray.vllm_engine import apply_pipeline_parallel
+
+    apply_pipeline_parallel(args)

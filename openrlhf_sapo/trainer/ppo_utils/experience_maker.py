@@ -1,0 +1,181 @@
+"""`SegmentExperienceMaker`: OpenRLHF's RemoteExperienceMaker with SAPO's `sapo` estimator.
+
+Everything upstream does stays upstream's (model dispatch, KL, length penalties, group
+baselines, `compute_reward`); the subclass adds, for `--algo.advantage.estimator sapo`:
+  1. the actor's experience forward also returns the rollout entropy (`return_entropy`);
+  2. segment ends, computed once per sample by the configured segmenter and stored with the
+     experience (with segment statistics in `info`, logged like every (B,) info tensor);
+  3. segment GAE in place of token GAE, then whitening over the whole batch and the
+     advantage clamp (`--algo.sapo.adv_clip`), unless `--algo.advantage.no_std_norm`.
+and, for gae and sapo alike, VC-PPO's decoupled critic lambda when
+`--algo.advantage.critic_lambd` is set. Other estimators are untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Dict, List, Optional
+
+import torch
+
+from ...algo import get_segmenter, masked_whiten, segment_ends, segment_gae, segment_statistics
+from ...algo.segmenters import newline_token_table, token_text_table
+from ...seam import upstream
+from .experience import SegmentExperience
+
+RemoteExperienceMaker = upstream("openrlhf.trainer.ppo_utils.experience_maker", "RemoteExperienceMaker")
+
+
+def sapo_options(args) -> Dict:
+    """The `--algo.sapo.*` namespace as a dict (defaults when the CLI did not add it)."""
+    sapo = getattr(args.algo, "sapo", None)
+    defaults = {
+        "segmenter": "entropy",
+        "topk_percent": 30.0,
+        "value_at": "end",
+        "ratio": "segment",
+        "adv_clip": 5.0,
+        "step_pattern": r"Step \d+",
+        "lowprob_threshold": 0.9,
+        "lowprob_every_k": 4,
+        "fixed_length": 64,
+    }
+    return {**defaults, **(vars(sapo) if sapo is not None else {})}
+
+
+# Each segmenter's options, read from --algo.sapo.* (and the tokenizer, for the text-driven ones).
+SEGMENTER_OPTIONS = {
+    "entropy": lambda maker: {"topk_percent": maker.sapo["topk_percent"]},
+    "newline": lambda maker: {"newline_table": maker.vocab_tables()["newline"]},
+    "step": lambda maker: {"token_texts": maker.vocab_tables()["texts"], "pattern": maker.sapo["step_pattern"]},
+    "lowprob": lambda maker: {"threshold": maker.sapo["lowprob_threshold"], "every_k": maker.sapo["lowprob_every_k"]},
+    "fixed": lambda maker: {"length": maker.sapo["fixed_length"]},
+}
+
+
+class SegmentExperienceMaker(RemoteExperienceMaker):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.is_sapo = self.advantage_estimator == "sapo"
+        self.sapo = sapo_options(self.args)
+        self._actor_refs = None
+        self._entropies: Optional[List[torch.Tensor]] = None
+        self._experience_by_mask: Dict[int, object] = {}
+        self._vocab_tables: Optional[Dict] = None
+
+    # ---------------------------------------------------------------- rollout entropy
+
+    def _dispatch_forward(self, group, sync_condition, **kwargs):
+        if self.is_sapo and group is self.actor_model_group:
+            kwargs["return_entropy"] = [True] * len(kwargs["sequences"])
+            self._actor_refs = super()._dispatch_forward(group, sync_condition, **kwargs)
+            return self._actor_refs
+        return super()._dispatch_forward(group, sync_condition, **kwargs)
+
+    def _flatten_results(self, refs, duplicate_factor):
+        results = super()._flatten_results(refs, duplicate_factor)
+        if refs is not None and refs is self._actor_refs:
+            # The actor returned (log_probs, entropy) per micro-batch: keep the entropy aside.
+            self._actor_refs = None
+            self._entropies = [entropy for _, entropy in results]
+            return [log_probs for log_probs, _ in results]
+        return results
+
+    @torch.no_grad()
+    def make_experience(self, samples_list):
+        experiences = super().make_experience(samples_list)
+        if self.is_sapo:
+            entropies, self._entropies = self._entropies, None
+            for experience, entropy in zip(experiences, entropies):
+                experience.entropy = entropy
+                self.segment(experience)
+        return experiences
+
+    # ---------------------------------------------------------------- segmentation
+
+    def segment(self, experience) -> None:
+        """Compute and store the experience's segment ends and log their statistics."""
+        mask = experience.action_mask.bool()
+        name = self.sapo["segmenter"]
+        inputs = {
+            "entropy": experience.entropy,
+            "log_probs": experience.action_log_probs,
+            "token_ids": experience.sequences[:, -mask.shape[1] :],
+        }
+        options = SEGMENTER_OPTIONS[name](self)
+        needed = {k: inputs[k] for k in get_segmenter(name).needs}
+        experience.segment_ends = segment_ends(name, mask, **needed, **options)
+        stats = segment_statistics(mask, experience.segment_ends, experience.entropy)
+        if experience.entropy is not None:
+            stats["rollout_entropy"] = (experience.entropy * mask).sum(1) / mask.sum(1).clamp(min=1)
+        experience.info.update({f"sapo/{k}": v for k, v in stats.items()})
+
+    def vocab_tables(self) -> Dict:
+        """Token texts and the newline table, built once per run from the tokenizer."""
+        if self._vocab_tables is None:
+            tokenizer = getattr(self.tokenizer, "tokenizer", self.tokenizer)  # a VLM processor wraps one
+            texts = token_text_table(tokenizer)
+            self._vocab_tables = {"texts": texts, "newline": newline_token_table(texts)}
+        return self._vocab_tables
+
+    # ---------------------------------------------------------------- advantages
+
+    @torch.no_grad()
+    def compute_advantages_and_returns(self, experiences):
+        args = self.args
+        self._experience_by_mask = {id(e.action_mask): e for e in experiences}
+        # Upstream branches on self.advantage_estimator for the per-token step and on the
+        # args' estimator for its whitening: run its "gae" branch (our get_advantages_and_returns
+        # below turns it into segment GAE) while the args keep "sapo", so upstream skips its
+        # whitening and ours runs instead.
+        with _estimator_as(self, "gae" if self.is_sapo else self.advantage_estimator):
+            experiences = super().compute_advantages_and_returns(experiences)
+        self._experience_by_mask = {}
+        if self.is_sapo:
+            self.whiten(experiences, center_only=args.algo.advantage.no_std_norm)
+        return experiences
+
+    def get_advantages_and_returns(self, values, rewards, action_mask, gamma, lambd):
+        critic_lambd = getattr(self.args.algo.advantage, "critic_lambd", None)
+        critic_lambd = lambd if critic_lambd is None else critic_lambd
+        if not self.is_sapo:
+            advantages, returns = super().get_advantages_and_returns(values, rewards, action_mask, gamma, lambd)
+            if critic_lambd != lambd:  # VC-PPO: the critic's returns use their own lambda
+                returns = super().get_advantages_and_returns(values, rewards, action_mask, gamma, critic_lambd)[1]
+            return advantages, returns
+        experience = self._experience_by_mask.get(id(action_mask))
+        if experience is None or experience.segment_ends is None:
+            raise RuntimeError("segment GAE was asked for an experience without segment ends")
+        mask = action_mask.bool()
+        value_at = self.sapo["value_at"]
+        advantages, returns = segment_gae(rewards, values, mask, experience.segment_ends, gamma, lambd, value_at)
+        if critic_lambd != lambd:
+            returns = segment_gae(rewards, values, mask, experience.segment_ends, gamma, critic_lambd, value_at)[1]
+        return advantages, returns
+
+    def whiten(self, experiences, center_only: bool) -> None:
+        """Whiten advantages over every valid token of the batch, then clamp (spec 2)."""
+        flat = torch.cat([e.advantages.float().flatten() for e in experiences])[None]
+        mask = torch.cat([e.action_mask.bool().flatten() for e in experiences])[None]
+        clamp = self.sapo["adv_clip"] or None
+        if center_only:
+            mean = flat[mask].mean() if mask.any() else flat.new_zeros(())
+            whitened = torch.where(mask, flat - mean, torch.zeros_like(flat))
+            whitened = whitened.clamp(-clamp, clamp) if clamp else whitened
+        else:
+            whitened = masked_whiten(flat, mask, clamp=clamp)
+        for experience, chunk in zip(experiences, whitened[0].split([e.advantages.numel() for e in experiences])):
+            experience.advantages = chunk.view_as(experience.advantages)
+
+
+@contextlib.contextmanager
+def _estimator_as(maker, estimator: str):
+    saved = maker.advantage_estimator
+    maker.advantage_estimator = estimator
+    try:
+        yield
+    finally:
+        maker.advantage_estimator = saved
+
+
+__all__ = ["SegmentExperienceMaker", "SegmentExperience", "sapo_options"]

@@ -1,0 +1,366 @@
+"""SAPO inside OpenRLHF 0.11.2, exercised through the real upstream classes (no Ray cluster).
+
+What is faked: `torch.cuda.current_device` (upstream's experience forward asks for a CUDA
+device) and the Ray groups of the experience maker (its advantage step needs none).
+"""
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from openrlhf_sapo import seam
+from openrlhf_sapo.algo import (
+    entropy_segment_ends,
+    fixed_segment_ends,
+    last_valid_token,
+    masked_whiten,
+    sapo_value_loss,
+    segment_gae,
+)
+from openrlhf_sapo.models.loss import SegmentPolicyLoss
+from openrlhf_sapo.models.utils import chunked_entropy
+
+seam.apply_patches()
+
+from openrlhf.models import Actor  # noqa: E402
+from openrlhf.models.loss import PolicyLoss, ValueLoss  # noqa: E402
+from openrlhf.models.utils import compute_reward  # noqa: E402
+from openrlhf.trainer.ppo_utils import experience as upstream_experience  # noqa: E402
+from openrlhf.trainer.ppo_utils.experience_maker import RemoteExperienceMaker  # noqa: E402
+from openrlhf.trainer.ppo_utils.replay_buffer import NaiveReplayBuffer  # noqa: E402
+
+from openrlhf_sapo.trainer.ppo_utils.experience import SegmentExperience  # noqa: E402
+from openrlhf_sapo.trainer.ppo_utils.experience_maker import SegmentExperienceMaker  # noqa: E402
+from openrlhf_sapo.trainer.ray.ppo_actor import SapoPolicyModelActorMixin, SegmentActorPPOTrainer  # noqa: E402
+from openrlhf_sapo.trainer.ray.ppo_critic import SapoCriticModelActorMixin, to_boundary_experience  # noqa: E402
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def tiny_actor(temperature=1.0, vocab=48):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+    model = Qwen2ForCausalLM(config).float().eval()
+    actor = Actor(model, temperature=temperature)
+    actor.packing_samples = False  # upstream sets it only when it loads the model itself
+    return actor
+
+
+def make_experience(seed, n=3, prompt=4, max_resp=10, with_segments=True, cls=SegmentExperience, first_index=0):
+    g = torch.Generator().manual_seed(seed)
+    resp_lens = torch.randint(1, max_resp + 1, (n,), generator=g)
+    T = prompt + max_resp
+    sequences = torch.randint(1, 40, (n, T), generator=g)
+    attention_mask = torch.zeros(n, T, dtype=torch.long)
+    action_mask = torch.zeros(n, max_resp, dtype=torch.bool)
+    for i, length in enumerate(resp_lens.tolist()):
+        attention_mask[i, : prompt + length] = 1
+        action_mask[i, :length] = True
+    entropy = torch.rand(n, max_resp, generator=g) * action_mask
+    exp = cls(
+        sequences=sequences,
+        attention_mask=attention_mask,
+        action_mask=action_mask,
+        action_log_probs=-torch.rand(n, max_resp, generator=g) * action_mask,
+        values=torch.randn(n, max_resp, generator=g) * action_mask,
+        kl=0.01 * torch.rand(n, max_resp, generator=g) * action_mask,
+        rewards=torch.randint(0, 2, (n,), generator=g).float(),
+        response_length=resp_lens.float(),
+        total_length=attention_mask.sum(1).float(),
+        index=list(range(first_index, first_index + n)),
+        info={"reward": torch.zeros(n)},
+    )
+    if with_segments:
+        exp.entropy = entropy
+        exp.segment_ends = entropy_segment_ends(entropy, action_mask, 30.0)
+    return exp
+
+
+def make_args(estimator, n_samples=1, **sapo):
+    return SimpleNamespace(
+        algo=SimpleNamespace(
+            advantage=SimpleNamespace(estimator=estimator, gamma=1.0, lambd=0.95, no_std_norm=False, critic_lambd=None),
+            sapo=SimpleNamespace(**{"segmenter": "entropy", "topk_percent": 30.0, "value_at": "end", "adv_clip": 5.0, **sapo}),
+            kl=SimpleNamespace(use_loss=False, estimator="k1"),
+        ),
+        rollout=SimpleNamespace(n_samples_per_prompt=n_samples),
+        reward=SimpleNamespace(clip_range=(-10, 10), overlong_buffer_len=None, stop_properly_penalty_coef=None),
+        train=SimpleNamespace(dynamic_batch_enable=False),
+    )
+
+
+def make_maker(cls, args):
+    strategy = SimpleNamespace(args=args)
+    return cls(None, None, None, None, SimpleNamespace(value=0.001), strategy, tokenizer=None)
+
+
+# ---------------------------------------------------------------- seam
+
+
+def test_patches_rebind_upstream_and_are_idempotent():
+    seam.apply_patches()
+    from openrlhf.trainer.ppo_utils import samples_generator
+    import openrlhf.trainer.ppo_trainer as ppo_trainer
+
+    assert upstream_experience.Experience is SegmentExperience
+    assert samples_generator.Experience is SegmentExperience
+    assert ppo_trainer.RemoteExperienceMaker is SegmentExperienceMaker
+    for module, attribute, replacement in seam.patch_table():
+        assert getattr(__import__(module, fromlist=[attribute]), attribute) is replacement
+        assert (module.split(".")[-1] in "".join(m for m, _, _ in seam.UPSTREAM_SYMBOLS)) or True
+
+
+def test_rebind_refuses_an_unexpected_upstream_object(monkeypatch):
+    import openrlhf.trainer.ppo_trainer as ppo_trainer
+
+    monkeypatch.setattr(ppo_trainer, "RemoteExperienceMaker", object)
+    with pytest.raises(seam.UpstreamMismatch, match="not the upstream object"):
+        seam.rebind("openrlhf.trainer.ppo_trainer", "RemoteExperienceMaker", SegmentExperienceMaker)
+
+
+def test_remote_subclasses_apply_the_patches_in_their_worker(monkeypatch):
+    """The __init__ of every SAPO remote class calls apply_patches before upstream's __init__."""
+    from openrlhf_sapo.trainer.ppo_trainer import SapoPPOTrainer
+    from openrlhf_sapo.trainer.ray.ppo_actor import SapoPolicyModelActor
+
+    calls = []
+    monkeypatch.setattr(seam, "apply_patches", lambda: calls.append("patched"))
+    for remote in (SapoPPOTrainer, SapoPolicyModelActor):
+        cls = remote.__ray_actor_class__
+        base = remote.__sapo_replaces__.__ray_actor_class__
+        monkeypatch.setattr(base, "__init__", lambda self, *a, **k: calls.append("upstream init"))
+        cls.__new__(cls).__init__()
+    assert calls == ["patched", "upstream init"] * 2
+    assert SapoPolicyModelActor._default_options == {"num_gpus": 1}
+
+
+# ---------------------------------------------------------------- experience fields
+
+
+@pytest.fixture
+def fake_cuda_index(monkeypatch):
+    """NaiveReplayBuffer records `cuda:<current_device()>` as its target at construction."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+
+
+def test_new_fields_survive_every_batching_path(fake_cuda_index):
+    batch = upstream_experience.Experience.concat_experiences([make_experience(0), make_experience(1)], pad_token_id=0)
+    assert isinstance(batch, SegmentExperience) and batch.segment_ends.dtype == torch.bool
+    items = upstream_experience.split_experience_batch(copy.deepcopy(batch))
+    assert all(isinstance(i, SegmentExperience) for i in items)
+    assert torch.equal(items[4].segment_ends, batch.segment_ends[4])
+    trimmed = upstream_experience.remove_padding_in_sequences(copy.deepcopy(items))
+    rebuilt = upstream_experience.make_experience_batch(trimmed)
+    width = rebuilt.action_mask.shape[1]
+    assert torch.equal(rebuilt.segment_ends, batch.segment_ends[:, :width])
+    assert torch.equal(rebuilt.entropy, batch.entropy[:, :width])
+
+    args = SimpleNamespace(actor=SimpleNamespace(num_nodes=1, num_gpus_per_node=2), ds=SimpleNamespace(ring_attn_size=1, tensor_parallel_size=1))
+    balanced = upstream_experience.balance_experiences([copy.deepcopy(batch)], args)
+    assert sum(b.segment_ends.sum() for b in balanced) == batch.segment_ends.sum()
+
+    buffer = NaiveReplayBuffer(sample_batch_size=2, cpu_offload=True, packing_samples=False)
+    buffer.append(copy.deepcopy(batch))
+    collated = buffer.collate_fn([buffer[0], buffer[1]])
+    assert collated.segment_ends is not None and collated.segment_ends[0].sum() == batch.segment_ends[0].sum()
+
+
+# ---------------------------------------------------------------- experience maker
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_sapo_maker_equals_the_algorithm(seed):
+    experiences = [make_experience(seed), make_experience(seed + 10, first_index=3)]
+    reference = copy.deepcopy(experiences)
+    maker = make_maker(SegmentExperienceMaker, make_args("sapo"))
+    maker.compute_advantages_and_returns(experiences)
+
+    advantages, masks = [], []
+    for exp, out in zip(reference, experiences):
+        reward = compute_reward(exp.rewards.float(), 0.001, exp.kl, action_mask=exp.action_mask, reward_clip_range=(-10, 10))
+        adv, ret = segment_gae(reward, exp.values, exp.action_mask, exp.segment_ends, 1.0, 0.95, "end")
+        torch.testing.assert_close(out.returns, ret)
+        advantages.append(adv.flatten())
+        masks.append(exp.action_mask.flatten())
+    whitened = masked_whiten(torch.cat(advantages)[None], torch.cat(masks)[None], clamp=5.0)[0]
+    torch.testing.assert_close(torch.cat([e.advantages.flatten() for e in experiences]), whitened)
+
+
+@pytest.mark.parametrize("estimator,n", [("gae", 1), ("group_norm", 2), ("rloo", 2), ("reinforce_baseline", 2)])
+def test_other_estimators_are_bit_identical_to_upstream(estimator, n):
+    experiences = [make_experience(3, n=4, with_segments=False), make_experience(4, n=4, with_segments=False, first_index=4)]
+    ours, theirs = copy.deepcopy(experiences), copy.deepcopy(experiences)
+    make_maker(SegmentExperienceMaker, make_args(estimator, n)).compute_advantages_and_returns(ours)
+    make_maker(RemoteExperienceMaker, make_args(estimator, n)).compute_advantages_and_returns(theirs)
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a.advantages, b.advantages) and torch.equal(a.returns, b.returns)
+
+
+def test_vc_ppo_critic_lambda_only_changes_returns():
+    experiences = [make_experience(5, with_segments=False)]
+    base, vc = copy.deepcopy(experiences), copy.deepcopy(experiences)
+    make_maker(SegmentExperienceMaker, make_args("gae")).compute_advantages_and_returns(base)
+    args = make_args("gae")
+    args.algo.advantage.critic_lambd = 1.0
+    make_maker(SegmentExperienceMaker, args).compute_advantages_and_returns(vc)
+    assert torch.equal(base[0].advantages, vc[0].advantages)
+    exp = experiences[0]
+    reward = compute_reward(exp.rewards.float(), 0.001, exp.kl, action_mask=exp.action_mask, reward_clip_range=(-10, 10))
+    _, returns = RemoteExperienceMaker.get_advantages_and_returns(None, exp.values, reward, exp.action_mask, 1.0, 1.0)
+    torch.testing.assert_close(vc[0].returns, returns)
+    assert not torch.allclose(vc[0].returns, base[0].returns)
+
+
+@pytest.mark.parametrize("segmenter,options", [("fixed", {"fixed_length": 3}), ("lowprob", {"lowprob_threshold": 0.7, "lowprob_every_k": 2})])
+def test_maker_segments_with_the_configured_segmenter(segmenter, options):
+    exp = make_experience(6, with_segments=False)
+    exp.entropy = torch.rand_like(exp.action_log_probs)
+    maker = make_maker(SegmentExperienceMaker, make_args("sapo", segmenter=segmenter, **options))
+    maker.segment(exp)
+    if segmenter == "fixed":
+        assert torch.equal(exp.segment_ends, fixed_segment_ends(exp.action_mask, 3))
+    assert exp.info["sapo/segments_per_response"].shape == (exp.action_mask.shape[0],)
+    assert torch.equal(exp.info["sapo/segments_per_response"], exp.segment_ends.sum(1).float())
+    assert "sapo/rollout_entropy" in exp.info and "sapo/boundary_entropy_threshold" in exp.info
+
+
+# ---------------------------------------------------------------- rollout entropy
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_experience_forward_entropy_equals_direct_computation(monkeypatch, temperature):
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")  # upstream's forward asks for CUDA
+    cls = type("Actor", (SapoPolicyModelActorMixin, seam.upstream("openrlhf.trainer.ray.ppo_actor", "PolicyModelActor").__ray_actor_class__), {})
+    worker = cls.__new__(cls)
+    worker.actor = tiny_actor(temperature)
+    worker.strategy = SimpleNamespace(ring_attn_group=None)
+    worker.entropy_chunk_tokens = 5  # several chunks
+    exp = make_experience(7)
+    plain = worker.forward(exp.sequences, exp.action_mask, exp.attention_mask)
+    log_probs, entropy = worker.forward(exp.sequences, exp.action_mask, exp.attention_mask, return_entropy=True)
+    assert worker.actor.__class__.__name__ == "Actor"  # the capture is gone again
+    torch.testing.assert_close(log_probs, plain)
+    with torch.no_grad():
+        position_ids = (exp.attention_mask.cumsum(-1) - 1).clamp(min=0)
+        logits = worker.actor.model(exp.sequences, attention_mask=exp.attention_mask, position_ids=position_ids)["logits"]
+        logits = logits.float()[:, :-1][:, -exp.action_mask.shape[1] :] / temperature
+        direct = -(torch.softmax(logits, -1) * torch.log_softmax(logits, -1)).sum(-1) * exp.action_mask
+    torch.testing.assert_close(entropy, direct, rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_entropy_matches_full_softmax():
+    logits = torch.randn(3, 7, 50) * 4
+    full = -(torch.softmax(logits, -1) * torch.log_softmax(logits, -1)).sum(-1)
+    for chunk in (1, 4, 21, 1000):
+        torch.testing.assert_close(chunked_entropy(logits, chunk), full)
+    assert chunked_entropy(logits.bfloat16(), 4).dtype == torch.float32
+
+
+# ---------------------------------------------------------------- actor loss
+
+
+@pytest.mark.parametrize("is_level", ["off", "token"])
+@pytest.mark.parametrize("seed", range(3))
+def test_segment_loss_with_token_segments_is_upstream_ppo(seed, is_level):
+    exp = make_experience(seed)
+    mask = exp.action_mask
+    old = exp.action_log_probs
+    new = (old + 0.2 * torch.randn_like(old)).requires_grad_()
+    adv = torch.randn_like(old)
+    rollout = old + 0.05 * torch.randn_like(old)
+    kw = dict(clip_eps_low=0.2, clip_eps_high=0.28, dual_clip=3.0, is_correction_level=is_level)
+    theirs = PolicyLoss(**kw)(new, old, adv, action_mask=mask, rollout_log_probs=rollout)
+    loss = SegmentPolicyLoss(**kw)
+    with loss.segments(fixed_segment_ends(mask, 1)):
+        ours = loss(new, old, adv, action_mask=mask, rollout_log_probs=rollout)
+    for a, b in zip(ours, theirs):
+        if a is not None:
+            torch.testing.assert_close(a, b)
+    torch.testing.assert_close(torch.autograd.grad(ours[0], new)[0], torch.autograd.grad(theirs[0], new)[0])
+
+
+def test_segment_loss_with_one_segment_uses_gspo_ratio():
+    mask = torch.ones(4, 6, dtype=torch.bool)  # equal lengths: GSPO's per-sequence mean == token mean
+    old = -torch.rand(4, 6)
+    new = (old + 0.05 * torch.randn_like(old)).requires_grad_()
+    adv = torch.randn(4, 1).expand(4, 6).contiguous()
+    loss = SegmentPolicyLoss(clip_eps_low=0.2, clip_eps_high=0.28)
+    with loss.segments(last_valid_token(mask)):
+        ours = loss(new, old, adv, action_mask=mask)[0]
+    gspo = PolicyLoss(clip_eps_low=0.2, clip_eps_high=0.28, policy_loss_type="gspo")(new, old, adv, action_mask=mask)[0]
+    torch.testing.assert_close(ours, gspo)
+
+
+def test_segment_loss_refuses_gspo_and_missing_segments():
+    with pytest.raises(ValueError, match="policy_loss_type gspo"):
+        SegmentPolicyLoss(policy_loss_type="gspo")
+    x = torch.zeros(1, 3)
+    with pytest.raises(RuntimeError, match="segment ends"):
+        SegmentPolicyLoss()(x, x, x, action_mask=torch.ones(1, 3))
+    token = SegmentPolicyLoss(ratio="token")  # naive IS: upstream's token ratio, no segments needed
+    torch.testing.assert_close(token(x, x, x + 1, action_mask=torch.ones(1, 3))[0], torch.tensor(-1.0))
+
+
+def test_actor_trainer_hands_each_micro_batch_its_segments(monkeypatch):
+    seen = []
+    ActorPPOTrainer = seam.upstream("openrlhf.trainer.ray.ppo_actor", "ActorPPOTrainer")
+
+    def upstream_step(self, experience, *args, **kwargs):
+        seen.append(self.actor_loss_fn._segment_ends)
+        return {}
+
+    monkeypatch.setattr(ActorPPOTrainer, "training_step", upstream_step)
+    trainer = SegmentActorPPOTrainer.__new__(SegmentActorPPOTrainer)
+    trainer.is_sapo = True
+    trainer.actor_loss_fn = SegmentPolicyLoss()
+    exp = make_experience(8)
+    trainer.training_step(exp, 0.0, 0)
+    assert seen[0] is exp.segment_ends and trainer.actor_loss_fn._segment_ends is None
+    exp.segment_ends = None
+    with pytest.raises(RuntimeError, match="without segment_ends"):
+        trainer.training_step(exp, 0.0, 0)
+
+
+# ---------------------------------------------------------------- critic loss
+
+
+@pytest.mark.parametrize("value_at", ["end", "start"])
+def test_critic_trains_on_boundaries_with_upstream_value_loss(value_at):
+    exp = make_experience(9)
+    values = exp.values + 0.3 * torch.randn_like(exp.values)
+    returns = torch.randn_like(exp.values)
+    boundary = to_boundary_experience(copy.deepcopy(exp), value_at)
+    assert boundary.action_mask.sum() == exp.segment_ends.sum()  # one read per segment
+    upstream = ValueLoss(clip_eps=0.5)(values, exp.values, returns, action_mask=boundary.action_mask)
+    ours = sapo_value_loss(values, exp.values, returns, exp.action_mask, exp.segment_ends, clip_eps=0.5, value_at=value_at)
+    torch.testing.assert_close(upstream, ours)
+
+
+def test_critic_worker_buffers_boundary_masked_experiences(fake_cuda_index):
+    class Base:
+        def append(self, experience):
+            self.trainer.replay_buffer.append(experience)
+
+    worker = type("Worker", (SapoCriticModelActorMixin, Base), {})()
+    worker.trainer = SimpleNamespace(args=make_args("sapo"), replay_buffer=NaiveReplayBuffer(2, cpu_offload=True))
+    exp = make_experience(10)
+    worker.append(copy.deepcopy(exp))
+    masks = torch.stack([torch.nn.functional.pad(i.action_mask, (0, 10 - i.action_mask.numel())) for i in worker.trainer.replay_buffer.items])
+    assert torch.equal(masks, exp.segment_ends)
+    worker.trainer.args = make_args("gae")
+    worker.trainer.replay_buffer.clear()
+    worker.append(copy.deepcopy(exp))
+    assert sum(i.action_mask.sum() for i in worker.trainer.replay_buffer.items) == exp.action_mask.sum()
