@@ -364,3 +364,73 @@ def test_critic_worker_buffers_boundary_masked_experiences(fake_cuda_index):
     worker.trainer.replay_buffer.clear()
     worker.append(copy.deepcopy(exp))
     assert sum(i.action_mask.sum() for i in worker.trainer.replay_buffer.items) == exp.action_mask.sum()
+
+
+# ---------------------------------------------------------------- the whole experience step
+
+
+class LocalGroup:
+    """Stands in for a RayActorGroup: runs the real worker method in this process, one call
+    per micro-batch as upstream's `execute_batch` does (Ray itself cannot start here)."""
+
+    def __init__(self, worker):
+        self.worker = worker
+
+    def async_run_method_batch(self, method_name, **kwargs):
+        n = len(next(iter(kwargs.values())))
+        method = getattr(self.worker, method_name)
+        return [[method(**{k: v[i] for k, v in kwargs.items()}) for i in range(n)]]
+
+
+class ZeroCritic:
+    def forward(self, sequences, action_mask, attention_mask):
+        return torch.zeros(action_mask.shape)
+
+
+def test_make_experience_batch_end_to_end(monkeypatch):
+    """Upstream's make_experience_batch with SAPO: the actor worker's entropy reaches the
+    experience, segments are cut from it, and segment GAE produces the advantages."""
+    import openrlhf.trainer.ppo_utils.experience_maker as upstream_maker
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")
+    monkeypatch.setattr(upstream_maker, "ray", SimpleNamespace(put=lambda x: x, get=lambda x: x))
+    cls = type("Actor", (SapoPolicyModelActorMixin, seam.upstream("openrlhf.trainer.ray.ppo_actor", "PolicyModelActor").__ray_actor_class__), {})
+    worker = cls.__new__(cls)
+    worker.actor = tiny_actor(0.8)
+    worker.strategy = SimpleNamespace(ring_attn_group=None)
+
+    args = make_args("sapo")
+    args.algo.advantage.lambd = 0.99
+    args.algo.kl.use_loss = True  # no reference model: KL as a loss keeps base log-probs out of the reward
+    args.ds = SimpleNamespace(ring_attn_size=1, tensor_parallel_size=1)
+    args.train = SimpleNamespace(dynamic_batch_enable=False, colocate_all=False, colocate_actor_ref=False, colocate_critic_reward=False)
+    args.rollout.micro_batch_size = 2
+    maker = SegmentExperienceMaker(LocalGroup(worker), LocalGroup(ZeroCritic()), None, None, SimpleNamespace(value=0.0), SimpleNamespace(args=args), tokenizer=SimpleNamespace(pad_token_id=0))
+
+    # Rollout samples as upstream's generator makes them: one response each, tensors of batch 1.
+    batch = make_experience(11, n=4, with_segments=False)
+    samples = [
+        SegmentExperience(
+            **{k: getattr(batch, k)[i : i + 1] for k in ("sequences", "attention_mask", "action_mask", "rewards", "response_length", "total_length")},
+            info={"reward": batch.rewards[i : i + 1]},
+        )
+        for i in range(4)
+    ]
+    experiences = maker.make_experience_batch(samples)
+
+    assert len(experiences) == 2 and all(isinstance(e, SegmentExperience) for e in experiences)
+    for exp in experiences:
+        log_probs, entropy = worker.forward(exp.sequences, exp.action_mask, exp.attention_mask, return_entropy=True)
+        torch.testing.assert_close(exp.entropy, entropy)
+        torch.testing.assert_close(exp.action_log_probs, log_probs)
+        assert torch.equal(exp.segment_ends, entropy_segment_ends(entropy, exp.action_mask.bool(), 30.0))
+        assert exp.info["sapo/segments_per_response"].shape == (exp.action_mask.shape[0],)
+    # Advantages: segment GAE on (outcome at EOS, zero values), whitened over both micro-batches.
+    raw = []
+    for exp in experiences:
+        reward = torch.zeros(exp.action_mask.shape)
+        reward[torch.arange(len(reward)), exp.action_mask.long().cumsum(1).argmax(1)] = exp.rewards
+        raw.append(segment_gae(reward, torch.zeros_like(reward), exp.action_mask.bool(), exp.segment_ends, 1.0, 0.99)[0])
+    flat_mask = torch.cat([e.action_mask.flatten() for e in experiences])[None].bool()
+    expected = masked_whiten(torch.cat([r.flatten() for r in raw])[None], flat_mask, clamp=5.0)[0]
+    torch.testing.assert_close(torch.cat([e.advantages.flatten() for e in experiences]), expected)
