@@ -58,6 +58,8 @@ UPSTREAM_SYMBOLS = (
     ("openrlhf.trainer.ppo_trainer_async", "PPOTrainerAsync", "remote subclass applying the patches"),
     ("openrlhf.trainer.ppo_trainer_async", "TrainingActor", "remote subclass applying the patches"),
     ("openrlhf.trainer.ppo_trainer_async", "GenerateSamplesActor", "remote subclass applying the patches"),
+    ("openrlhf.models.utils", "compute_entropy", "wrapped: chunked (memory-safe) when no gradient is needed"),
+    ("openrlhf.models.actor", "compute_entropy", "rebound to the wrapper, for the experience forward"),
     ("openrlhf.trainer.ray.vllm_engine", "RolloutRayActor", "remote subclass: vLLM pipeline parallel"),
     ("openrlhf.trainer.ray.vllm_engine", "create_vllm_engines", "placement for pipeline-parallel engines"),
 )
@@ -142,6 +144,7 @@ _applied = False
 
 def patch_table():
     """(module, attribute, replacement) for every rebinding, driver and workers alike."""
+    from .models.utils import compute_entropy
     from .trainer.ppo_trainer import (
         SapoGenerateSamplesActor,
         SapoPPOTrainer,
@@ -162,6 +165,7 @@ def patch_table():
         "openrlhf.trainer.ray.ppo_critic",
     )
     return (
+        ("openrlhf.models.actor", "compute_entropy", compute_entropy),
         *((module, "Experience", SegmentExperience) for module in experience_users),
         ("openrlhf.trainer.ppo_trainer", "RemoteExperienceMaker", SegmentExperienceMaker),
         ("openrlhf.trainer.ray.ppo_actor", "ActorPPOTrainer", SegmentActorPPOTrainer),

@@ -20,6 +20,7 @@ from openrlhf_sapo.algo import (
     segment_gae,
 )
 from openrlhf_sapo.models.loss import SegmentPolicyLoss
+from openrlhf_sapo.models import utils as models_utils
 from openrlhf_sapo.models.utils import chunked_entropy
 
 seam.apply_patches()
@@ -247,7 +248,7 @@ def test_experience_forward_entropy_equals_direct_computation(monkeypatch, tempe
     worker = cls.__new__(cls)
     worker.actor = tiny_actor(temperature)
     worker.strategy = SimpleNamespace(ring_attn_group=None)
-    worker.entropy_chunk_tokens = 5  # several chunks
+    monkeypatch.setattr(models_utils, "chunked_entropy", lambda logits: chunked_entropy(logits, 5))  # several chunks
     exp = make_experience(7)
     plain = worker.forward(exp.sequences, exp.action_mask, exp.attention_mask)
     log_probs, entropy = worker.forward(exp.sequences, exp.action_mask, exp.attention_mask, return_entropy=True)
@@ -267,6 +268,21 @@ def test_chunked_entropy_matches_full_softmax():
     for chunk in (1, 4, 21, 1000):
         torch.testing.assert_close(chunked_entropy(logits, chunk), full)
     assert chunked_entropy(logits.bfloat16(), 4).dtype == torch.float32
+
+
+def test_entropy_wrapper_is_chunked_without_grad_and_differentiable_with_it(monkeypatch):
+    import openrlhf.models.actor as upstream_actor
+
+    assert upstream_actor.compute_entropy is models_utils.compute_entropy  # what Actor.forward calls
+    calls = []
+    monkeypatch.setattr(models_utils, "chunked_entropy", lambda logits: calls.append(1) or chunked_entropy(logits))
+    logits = torch.randn(2, 5, 11, requires_grad=True)
+    with torch.no_grad():
+        models_utils.compute_entropy(logits)
+    assert calls == [1]
+    entropy = models_utils.compute_entropy(logits)  # upstream's entropy loss needs the gradient
+    entropy.sum().backward()
+    assert calls == [1] and logits.grad is not None and torch.isfinite(logits.grad).all()
 
 
 # ---------------------------------------------------------------- actor loss

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from ..seam import upstream
+
+_upstream_compute_entropy = upstream("openrlhf.models.utils", "compute_entropy")
+
 
 @torch.no_grad()
 def chunked_entropy(logits: torch.Tensor, chunk_tokens: int = 1024) -> torch.Tensor:
@@ -24,3 +28,19 @@ def chunked_entropy(logits: torch.Tensor, chunk_tokens: int = 1024) -> torch.Ten
         probs = torch.softmax(block, dim=-1)
         out[start : start + chunk_tokens] = log_z - (probs * block).sum(dim=-1)
     return out.reshape(logits.shape[:-1])
+
+
+def compute_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Drop-in for upstream's `compute_entropy` (rebound in openrlhf.models.actor by the seam).
+
+    Without gradients (the experience forward) it is `chunked_entropy`; when the entropy is
+    differentiated (upstream's entropy loss, --actor.entropy_coef) it is upstream's own.
+    Upstream's Actor.forward keeps doing the rest: temperature scaling before, and the packing
+    / ring-attention gather after.
+    """
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return _upstream_compute_entropy(logits)
+    return chunked_entropy(logits)
+
+
+compute_entropy.__sapo_replaces__ = _upstream_compute_entropy

@@ -4,8 +4,8 @@
   for the `sapo` estimator; each training step hands the micro-batch's stored segment ends
   to the loss. Installed by `seam.apply_patches()` as `ppo_actor.ActorPPOTrainer`.
 - `SapoPolicyModelActor`: upstream's PolicyModelActor whose experience forward can also
-  return the rollout entropy (computed chunk-wise from the same temperature-scaled logits
-  as the old log-probs).
+  return the rollout entropy, from the same temperature-scaled logits as the old log-probs
+  (chunk-wise: models/utils.py `compute_entropy`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from typing import Optional
 import torch
 
 from ...models.loss import SegmentPolicyLoss
-from ...models.utils import chunked_entropy
 from ...seam import sapo_remote_class, upstream
 from ..ppo_utils.experience_maker import sapo_options
 
@@ -43,19 +42,20 @@ class SegmentActorPPOTrainer(ActorPPOTrainer):
 
 
 class _EntropyCapture:
-    """Stands in for `self.actor` during one upstream forward: calls the real actor with
-    `return_output=True`, keeps the response entropy, and returns what upstream expects."""
+    """Stands in for `self.actor` during one upstream experience forward: asks the real actor
+    for its entropy too (upstream's own path, which handles temperature, packing and ring
+    attention; the seam makes its entropy chunked when no gradient is needed), keeps the
+    response part, and returns what upstream's forward expects."""
 
-    def __init__(self, actor, chunk_tokens: int):
+    def __init__(self, actor):
         self._actor = actor
-        self._chunk_tokens = chunk_tokens
         self.entropy: Optional[torch.Tensor] = None
 
     def __call__(self, sequences, action_mask, *args, **kwargs):
-        log_probs, output = self._actor(sequences, action_mask, *args, return_output=True, **kwargs)
-        # logits[:, t] predicts token t + 1, the same alignment as the action log-probs.
-        response_logits = output["logits"][:, :-1][:, -action_mask.shape[1] :]
-        self.entropy = chunked_entropy(response_logits, self._chunk_tokens) * action_mask
+        log_probs, output = self._actor(
+            sequences, action_mask, *args, return_output=True, return_entropy=True, **kwargs
+        )
+        self.entropy = output.entropy[:, -action_mask.shape[1] :] * action_mask
         return log_probs
 
     def __getattr__(self, name):
@@ -65,12 +65,10 @@ class _EntropyCapture:
 class SapoPolicyModelActorMixin:
     """Methods SAPO adds to the actor's Ray worker."""
 
-    entropy_chunk_tokens = 1024
-
     def forward(self, *args, return_entropy: bool = False, **kwargs):
         if not return_entropy:
             return super().forward(*args, **kwargs)
-        actor, capture = self.actor, _EntropyCapture(self.actor, self.entropy_chunk_tokens)
+        actor, capture = self.actor, _EntropyCapture(self.actor)
         self.actor = capture
         try:
             log_probs = super().forward(*args, **kwargs)
