@@ -20,6 +20,7 @@ import torch
 
 from ...algo import get_segmenter, masked_whiten, segment_ends, segment_gae, segment_statistics
 from ...algo.segmenters import newline_token_table, token_text_table
+from ...config import SAPO_DEFAULTS
 from ...seam import upstream
 from .experience import SegmentExperience
 
@@ -29,18 +30,7 @@ RemoteExperienceMaker = upstream("openrlhf.trainer.ppo_utils.experience_maker", 
 def sapo_options(args) -> Dict:
     """The `--algo.sapo.*` namespace as a dict (defaults when the CLI did not add it)."""
     sapo = getattr(args.algo, "sapo", None)
-    defaults = {
-        "segmenter": "entropy",
-        "topk_percent": 30.0,
-        "value_at": "end",
-        "ratio": "segment",
-        "adv_clip": 5.0,
-        "step_pattern": r"Step \d+",
-        "lowprob_threshold": 0.9,
-        "lowprob_every_k": 4,
-        "fixed_length": 64,
-    }
-    return {**defaults, **(vars(sapo) if sapo is not None else {})}
+    return {**SAPO_DEFAULTS, **(vars(sapo) if sapo is not None else {})}
 
 
 # Each segmenter's options, read from --algo.sapo.* (and the tokenizer, for the text-driven ones).

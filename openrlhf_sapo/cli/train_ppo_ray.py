@@ -1,0 +1,564 @@
+"""`python -m openrlhf_sapo.cli.train_ppo_ray`: OpenRLHF's PPO launcher plus SAPO.
+
+Every flag of `python -m openrlhf.cli.train_ppo_ray` (openrlhf 0.11.2) works unchanged, because
+the parser IS upstream's: OpenRLHF builds its parser, validates the arguments and calls
+`train(args)` inside `if __name__ == "__main__":`, with no function to reuse. Instead of copying
+those statements, `upstream_main()` reads the installed module's source, checks the structure
+this file relies on and compiles three pieces of it, unchanged, as functions:
+
+- `build_parser()`: the statements from `parser = argparse.ArgumentParser()` up to (not
+  including) `args = parser.parse_args()`, returning upstream's own parser object;
+- `validate(args)`: the statements between `args = hierarchize(args)` and the trailing
+  `if args.use_ms:` block (upstream's checks and defaults; it mutates args and uses `assert`);
+- `use_modelscope(args)`: that trailing block (patches the hub when --use_ms), run only
+  before a real training run, never by --dry-run.
+
+They run with the module's own globals: the top-level imports of the module they reference
+(`argparse`, `datetime`), or, if they ever reference anything else, the imported module's
+namespace. `assert` statements are compiled with optimize=0, so upstream's checks also hold
+under `python -O`. If the source no longer has the expected shape, `UpstreamMismatch` says
+what was expected and what was found.
+
+On top of that parser this module adds `sapo` to `--algo.advantage.estimator`, the SAPO flags
+(`--algo.sapo.*`), VC-PPO's `--algo.advantage.critic_lambd`, `--vllm.pipeline_parallel_size`
+and `--dry-run`, and checks (`parser.error`, exit status 2) before upstream's validation. SAPO
+needs a critic, which upstream drops for every estimator but gae, so upstream's validation runs
+with the estimator set to gae when it is sapo (the critic path is defaulted exactly as for gae).
+
+`main()` then calls `openrlhf_sapo.seam.install_for_training(args)` and upstream's
+`train(args)`; with `--dry-run` it prints the resolved configuration as JSON instead and starts
+nothing (no Ray, no model, not even an import of torch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import builtins
+import contextlib
+import functools
+import importlib
+import importlib.util
+import json
+import math
+import os
+import re
+import symtable
+import sys
+import traceback
+from dataclasses import dataclass
+from types import ModuleType, SimpleNamespace
+from typing import Callable, Dict, Iterable, Optional, Sequence
+
+from openrlhf_sapo import OPENRLHF_VERSION, seam
+from openrlhf_sapo.config import SAPO_DEFAULTS
+
+UPSTREAM_MODULE = "openrlhf.cli.train_ppo_ray"
+UPSTREAM_CONFIG_MODULE = "openrlhf.utils.config"
+
+# The anchors of upstream's `__main__` block, as `ast.unparse` prints them.
+FIRST_STATEMENT = "parser = argparse.ArgumentParser()"
+PARSE_STATEMENT = "args = parser.parse_args()"
+HIERARCHIZE_IMPORT = "from openrlhf.utils.config import hierarchize"
+HIERARCHIZE_STATEMENT = "args = hierarchize(args)"
+USE_MS_TEST = "args.use_ms"
+TRAIN_STATEMENT = "train(args)"
+
+ESTIMATOR_DEST = "algo.advantage.estimator"
+SAPO_ESTIMATOR = "sapo"
+# The estimator whose upstream validation (critic defaulting, checks) SAPO runs under.
+SAPO_VALIDATES_AS = "gae"
+# Estimators allowed a critic on a VLM. OpenRLHF refuses a critic for VLMs ("VLM training does not
+# support critic model") because its critic is text-only; the refusal is lifted for these estimators
+# only once openrlhf_sapo's VLM critic is in use (packing, upstream's other VLM assertion, is then
+# checked here instead). Until that critic exists, none: SAPO, PPO and VC-PPO on a VLM are refused.
+VLM_CRITIC_ESTIMATORS: tuple = ()
+
+SEGMENTERS = ("entropy", "newline", "step", "lowprob", "fixed")  # = openrlhf_sapo.algo.segmenters.SEGMENTERS
+VALUE_AT = ("end", "start")
+RATIOS = ("segment", "token")
+DEFAULT_STEP_PATTERN = r"Step \d+"  # = openrlhf_sapo.algo.segmenters.DEFAULT_STEP_PATTERN
+
+SAPO_GROUP = "SAPO (openrlhf_sapo)"
+SAPO_GROUP_DESCRIPTION = (
+    "Segment-Aligned Policy Optimization. The --algo.sapo.* flags take effect only with "
+    "--algo.advantage.estimator sapo; with any other estimator they are carried in the configuration "
+    "(still checked) and have no effect. --algo.advantage.critic_lambd applies to the critic of gae and "
+    "sapo; --vllm.pipeline_parallel_size and --dry-run apply to every estimator."
+)
+ESTIMATOR_HELP_SUFFIX = (
+    "; sapo (openrlhf_sapo: segment-level GAE with a critic, segment importance ratios; see --algo.sapo.* "
+    "and SAPO_SPEC.md)"
+)
+
+
+@dataclass(frozen=True)
+class _Flag:
+    option: str
+    kwargs: dict
+
+
+# Every flag this module adds, in --help order. Dest names keep OpenRLHF's dots so that
+# `hierarchize` nests them (args.algo.sapo.topk_percent).
+ADDED_FLAGS = (
+    _Flag("--algo.sapo.segmenter", dict(type=str, default=SAPO_DEFAULTS["segmenter"], choices=SEGMENTERS,
+          help="Where responses are cut into segments: entropy (the k highest-entropy tokens end a segment; "
+          "the paper's method), newline, step (before each --algo.sapo.step_pattern match), lowprob (every "
+          "--algo.sapo.lowprob_every_k-th token sampled with probability < --algo.sapo.lowprob_threshold), "
+          "fixed (every --algo.sapo.fixed_length tokens).")),
+    _Flag("--algo.sapo.topk_percent", dict(type=float, default=SAPO_DEFAULTS["topk_percent"],
+          help="entropy segmenter: percentage p in (0, 100] of a response's tokens that end a segment "
+          "(k = max(ceil(n * p / 100), 1)); the paper uses 30.")),
+    _Flag("--algo.sapo.value_at", dict(type=str, default=SAPO_DEFAULTS["value_at"], choices=VALUE_AT,
+          help="Where a segment's value is read: end (its last token, the authors' release) or start (its "
+          "first token, the paper's state s_m).")),
+    _Flag("--algo.sapo.ratio", dict(type=str, default=SAPO_DEFAULTS["ratio"], choices=RATIOS,
+          help="Actor importance ratio: segment (geometric mean over the segment, SAPO) or token (per-token "
+          "ratio with segment advantages: the paper's naive-IS ablation).")),
+    _Flag("--algo.sapo.adv_clip", dict(type=float, default=SAPO_DEFAULTS["adv_clip"],
+          help="Clamp whitened segment advantages to [-c, c] (the release uses 5); 0 disables the clamp.")),
+    _Flag("--algo.sapo.step_pattern", dict(type=str, default=SAPO_DEFAULTS["step_pattern"],
+          help="step segmenter: regular expression of a step marker; a segment starts at each match.")),
+    _Flag("--algo.sapo.lowprob_threshold", dict(type=float, default=SAPO_DEFAULTS["lowprob_threshold"],
+          help="lowprob segmenter: a token sampled with probability below this (in (0, 1]) is a cut point.")),
+    _Flag("--algo.sapo.lowprob_every_k", dict(type=int, default=SAPO_DEFAULTS["lowprob_every_k"],
+          help="lowprob segmenter: every k-th cut point (k >= 1) ends a segment.")),
+    _Flag("--algo.sapo.fixed_length", dict(type=int, default=SAPO_DEFAULTS["fixed_length"],
+          help="fixed segmenter: segment length in tokens (>= 1).")),
+    _Flag("--algo.advantage.critic_lambd", dict(type=float, default=None,
+          help="VC-PPO decoupled lambda for gae and sapo: the critic's returns use this lambda, the actor's "
+          "advantages --algo.advantage.lambd. Default: the same as --algo.advantage.lambd.")),
+    _Flag("--vllm.pipeline_parallel_size", dict(type=int, default=1,
+          help="pipeline parallel size of each vLLM engine; an engine then uses --vllm.tensor_parallel_size * "
+          "--vllm.pipeline_parallel_size GPUs.")),
+    _Flag("--dry-run", dict(action="store_true", default=False,
+          help="Parse and validate everything, print the resolved (nested, validated) configuration as JSON "
+          "to stdout and exit 0, without starting Ray or loading a model.")),
+)
+ADDED_DESTS = tuple(flag.option[2:].replace("-", "_") for flag in ADDED_FLAGS)
+
+
+# ---------------------------------------------------------------- upstream extraction
+
+
+@dataclass(frozen=True)
+class UpstreamMain:
+    """Upstream's `__main__` block, compiled from its source into callables."""
+
+    build_parser: Callable[[], argparse.ArgumentParser]
+    validate: Callable[[SimpleNamespace], None]
+    use_modelscope: Callable[[SimpleNamespace], None]
+    filename: str
+
+
+def _mismatch(filename: str, what: str) -> seam.UpstreamMismatch:
+    return seam.UpstreamMismatch(
+        f"{filename}: {what}. openrlhf_sapo.cli.train_ppo_ray reuses the `if __name__ == \"__main__\":` block of "
+        f"openrlhf=={OPENRLHF_VERSION}'s cli/train_ppo_ray.py and expects: `{FIRST_STATEMENT}` first, "
+        f"`{PARSE_STATEMENT}`, then `{HIERARCHIZE_IMPORT}` and `{HIERARCHIZE_STATEMENT}`, the validation, an "
+        f"`if {USE_MS_TEST}:` block and `{TRAIN_STATEMENT}` last. Install openrlhf=={OPENRLHF_VERSION}, or "
+        "update openrlhf_sapo/cli/train_ppo_ray.py for the new upstream layout."
+    )
+
+
+def _is_main_guard(node: ast.stmt) -> bool:
+    return isinstance(node, ast.If) and ast.unparse(node.test) in ('__name__ == "__main__"', "__name__ == '__main__'")
+
+
+def _index(body: Sequence[ast.stmt], text: str, filename: str) -> int:
+    found = [i for i, stmt in enumerate(body) if ast.unparse(stmt) == text]
+    if len(found) != 1:
+        raise _mismatch(filename, f"the __main__ block has {len(found)} statements `{text}`, expected exactly one")
+    return found[0]
+
+
+def _function(name: str, params: Sequence[str], body: Sequence[ast.stmt], returns: Optional[str]) -> ast.FunctionDef:
+    """A function wrapping upstream statements; they keep their line numbers (tracebacks point into upstream)."""
+    body = list(body)
+    if returns is not None:
+        body.append(ast.Return(value=ast.Name(id=returns, ctx=ast.Load())))
+    if not body:
+        body = [ast.Pass()]
+    line = body[0].lineno
+    fields = dict(
+        name=name,
+        args=ast.arguments(posonlyargs=[], args=[ast.arg(arg=p) for p in params], kwonlyargs=[], kw_defaults=[],
+                           defaults=[]),
+        body=body,
+        decorator_list=[],
+        returns=None,
+        lineno=line,
+        col_offset=0,
+    )
+    if "type_params" in ast.FunctionDef._fields:  # Python >= 3.12
+        fields["type_params"] = []
+    fn = ast.FunctionDef(**fields)
+    for node in ast.walk(fn):  # the synthetic nodes (the return) take the function's line
+        if "lineno" in node._attributes and not hasattr(node, "lineno"):
+            node.lineno = node.end_lineno = line
+            node.col_offset = node.end_col_offset = 0
+    return fn
+
+
+def _free_names(module: ast.Module, filename: str) -> Dict[str, set]:
+    """Per function: the global names it reads that are not builtins (what its globals must provide)."""
+    table = symtable.symtable(ast.unparse(module), filename, "exec")
+    free = {}
+    for child in table.get_children():
+        names = {s.get_name() for s in child.get_symbols() if s.is_global() and s.is_referenced()}
+        free[child.get_name()] = {n for n in names if not hasattr(builtins, n)}
+    return free
+
+
+def _bound_by_import(stmt: ast.stmt) -> set:
+    if isinstance(stmt, ast.Import):
+        return {alias.asname or alias.name.split(".")[0] for alias in stmt.names}
+    if isinstance(stmt, ast.ImportFrom):
+        return {alias.asname or alias.name for alias in stmt.names}
+    return set()
+
+
+def _import_upstream_module(name: str = UPSTREAM_MODULE) -> ModuleType:
+    seam.check_openrlhf_version()
+    from openrlhf_sapo.utils import cpu_compat
+
+    cpu_compat.apply()
+    return importlib.import_module(name)
+
+
+def _upstream_globals(tree: ast.Module, needed: Iterable[str], filename: str, module_name: str,
+                      import_module: Callable[[], ModuleType]) -> dict:
+    """The module globals the extracted code reads.
+
+    When each needed name is bound by one of the module's own top-level imports (argparse, datetime
+    in 0.11.2), only those import statements run: importing the whole module would import Ray,
+    vLLM and DeepSpeed (about 10 s) for a parser. Otherwise the module is imported and its
+    namespace used.
+    """
+    needed = set(needed)
+    imports = [stmt for stmt in tree.body if _bound_by_import(stmt) & needed]
+    if needed <= set().union(*(_bound_by_import(stmt) for stmt in imports)):
+        namespace = {"__name__": module_name, "__file__": filename, "__builtins__": builtins}
+        code = compile(ast.Module(body=imports, type_ignores=[]), filename, "exec", dont_inherit=True)
+        exec(code, namespace)
+        return namespace
+    namespace = vars(import_module())
+    missing = sorted(needed - set(namespace))
+    if missing:
+        raise _mismatch(filename, f"the __main__ block uses {missing}, which the module does not define")
+    return namespace
+
+
+def extract_upstream_main(source: str, filename: str = "<openrlhf/cli/train_ppo_ray.py>",
+                          module_name: str = UPSTREAM_MODULE,
+                          import_module: Optional[Callable[[], ModuleType]] = None) -> UpstreamMain:
+    """Compile the parser building, the validation and the --use_ms block of upstream's `__main__`.
+
+    Raises UpstreamMismatch if the source does not have the structure described in the module docstring.
+    """
+    try:
+        tree = ast.parse(source, filename)
+    except SyntaxError as err:
+        raise _mismatch(filename, f"the source does not parse ({err})") from None
+    guards = [node for node in tree.body if _is_main_guard(node)]
+    if len(guards) != 1:
+        raise _mismatch(filename, f"found {len(guards)} top-level `if __name__ == \"__main__\":` blocks, expected one")
+    body = guards[0].body
+    first = ast.unparse(body[0]).splitlines()[0]
+    if first != FIRST_STATEMENT:
+        raise _mismatch(filename, f"the __main__ block starts with `{first}`")
+    last = ast.unparse(body[-1]).splitlines()[0]
+    if last != TRAIN_STATEMENT:
+        raise _mismatch(filename, f"the __main__ block ends with `{last}`, not `{TRAIN_STATEMENT}`")
+    parse_at = _index(body, PARSE_STATEMENT, filename)
+    hierarchize_at = _index(body, HIERARCHIZE_STATEMENT, filename)
+    if hierarchize_at + 1 >= len(body) - 2:
+        raise _mismatch(filename, f"no validation statements between `{HIERARCHIZE_STATEMENT}` and the end")
+    if hierarchize_at != parse_at + 2 or ast.unparse(body[parse_at + 1]) != HIERARCHIZE_IMPORT:
+        found = [ast.unparse(stmt).splitlines()[0] for stmt in body[parse_at + 1:hierarchize_at + 1]]
+        raise _mismatch(filename, f"after `{PARSE_STATEMENT}` found {found}")
+    use_ms = body[-2]
+    if not (isinstance(use_ms, ast.If) and ast.unparse(use_ms.test) == USE_MS_TEST and not use_ms.orelse):
+        raise _mismatch(filename, f"the statement before `{TRAIN_STATEMENT}` is "
+                        f"`{ast.unparse(use_ms).splitlines()[0]}`, not `if {USE_MS_TEST}:`")
+    parser_body, validation_body = body[:parse_at], body[hierarchize_at + 1:-2]
+
+    functions = ast.Module(body=[
+        _function("build_parser", [], parser_body, returns="parser"),
+        _function("validate", ["args"], validation_body, returns=None),
+        _function("use_modelscope", ["args"], [use_ms], returns=None),
+    ], type_ignores=[])
+    free = _free_names(functions, filename)
+    for name, forbidden in (("validate", "parser"), ("use_modelscope", "parser"), ("build_parser", "args")):
+        if forbidden in free[name]:
+            raise _mismatch(filename, f"the {name.replace('_', ' ')} statements use `{forbidden}`")
+    namespace = _upstream_globals(tree, set().union(*free.values()), filename, module_name,
+                                  import_module or (lambda: _import_upstream_module(module_name)))
+    # optimize=0: upstream's checks are `assert` statements; keep them even under `python -O`.
+    code = compile(functions, filename, "exec", dont_inherit=True, optimize=0)
+    compiled: dict = {}
+    exec(code, namespace, compiled)  # the functions land in `compiled`; their globals are `namespace`
+    return UpstreamMain(compiled["build_parser"], compiled["validate"], compiled["use_modelscope"], filename)
+
+
+def _upstream_source_path(module: str) -> str:
+    """The installed file of an openrlhf module, found without importing it (or its packages' heavy __init__)."""
+    seam.check_openrlhf_version()
+    spec = importlib.util.find_spec("openrlhf")
+    if spec is None or not spec.submodule_search_locations:
+        raise seam.UpstreamMismatch("openrlhf is not importable; install openrlhf==" + OPENRLHF_VERSION)
+    parts = module.split(".")[1:]
+    path = os.path.join(list(spec.submodule_search_locations)[0], *parts) + ".py"
+    if not os.path.isfile(path):
+        raise seam.UpstreamMismatch(f"{module} is not at {path}; openrlhf_sapo expects openrlhf=={OPENRLHF_VERSION}")
+    return path
+
+
+@functools.lru_cache(maxsize=None)
+def upstream_main() -> UpstreamMain:
+    """The installed openrlhf's `__main__` block of cli/train_ppo_ray.py (read once per process)."""
+    path = _upstream_source_path(UPSTREAM_MODULE)
+    with open(path, encoding="utf-8") as f:
+        source = f.read()
+    return extract_upstream_main(source, path)
+
+
+@functools.lru_cache(maxsize=None)
+def upstream_hierarchize() -> Callable:
+    """OpenRLHF's `hierarchize` (openrlhf/utils/config.py).
+
+    `openrlhf.utils`'s __init__ imports torch, transformers and DeepSpeed (several seconds); the
+    config module itself imports nothing, so unless it is already imported, it is loaded alone.
+    """
+    if UPSTREAM_CONFIG_MODULE in sys.modules:
+        return sys.modules[UPSTREAM_CONFIG_MODULE].hierarchize
+    path = _upstream_source_path(UPSTREAM_CONFIG_MODULE)
+    spec = importlib.util.spec_from_file_location("openrlhf_sapo.cli._upstream_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not callable(getattr(module, "hierarchize", None)):
+        raise seam.UpstreamMismatch(f"{path} has no hierarchize(); openrlhf_sapo expects openrlhf=={OPENRLHF_VERSION}")
+    return module.hierarchize
+
+
+# ---------------------------------------------------------------- parser
+
+
+def _action(parser: argparse.ArgumentParser, dest: str) -> argparse.Action:
+    for action in parser._actions:
+        if action.dest == dest:
+            return action
+    raise seam.UpstreamMismatch(f"OpenRLHF's train_ppo_ray parser has no `--{dest}`; openrlhf_sapo expects "
+                                f"openrlhf=={OPENRLHF_VERSION}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Upstream's parser (built by its own code) with SAPO's additions."""
+    parser = upstream_main().build_parser()
+    clashes = sorted({a.dest for a in parser._actions} & set(ADDED_DESTS))
+    if clashes:
+        raise seam.UpstreamMismatch(f"OpenRLHF's parser now defines {clashes} itself; openrlhf_sapo adds these "
+                                    "flags: remove them from ADDED_FLAGS in openrlhf_sapo/cli/train_ppo_ray.py")
+    estimator = _action(parser, ESTIMATOR_DEST)
+    if not estimator.choices or SAPO_ESTIMATOR in estimator.choices:
+        raise seam.UpstreamMismatch(f"OpenRLHF's --{ESTIMATOR_DEST} choices are {estimator.choices}; openrlhf_sapo "
+                                    f"expects a list without '{SAPO_ESTIMATOR}' to extend")
+    estimator.choices = [*estimator.choices, SAPO_ESTIMATOR]
+    estimator.help = (estimator.help or "") + ESTIMATOR_HELP_SUFFIX
+    parser.description = (
+        "OpenRLHF's PPO launcher (python -m openrlhf.cli.train_ppo_ray, every flag unchanged) with SAPO: "
+        "--algo.advantage.estimator sapo. " + SAPO_GROUP_DESCRIPTION
+    )
+    group = parser.add_argument_group(SAPO_GROUP, SAPO_GROUP_DESCRIPTION)
+    for flag in ADDED_FLAGS:
+        group.add_argument(flag.option, **flag.kwargs)
+    return parser
+
+
+# ---------------------------------------------------------------- validation
+
+
+class ConfigError(ValueError):
+    """An invalid combination of flags; the CLI turns it into `parser.error` (exit status 2)."""
+
+
+def _check_unit(flag: str, value: Optional[float]) -> None:
+    if value is not None and not (0.0 <= value <= 1.0):
+        raise ConfigError(f"{flag} must be in [0, 1], got {value}: it is a discount / GAE factor (the paper uses "
+                          "gamma 1.0 and lambda 0.99 for SAPO)")
+
+
+def check_before_upstream(args: SimpleNamespace) -> None:
+    """openrlhf_sapo's checks on hierarchized args, before upstream's validation mutates them."""
+    adv, sapo = args.algo.advantage, args.algo.sapo
+    estimator = adv.estimator
+
+    if estimator == SAPO_ESTIMATOR and args.actor.policy_loss_type == "gspo":
+        raise ConfigError("--actor.policy_loss_type gspo cannot be combined with --algo.advantage.estimator sapo: "
+                          "SAPO has its own segment-level ratio; drop --actor.policy_loss_type (or use ppo) and choose "
+                          "the ratio with --algo.sapo.ratio {segment,token}")
+    if not (0.0 < sapo.topk_percent <= 100.0):
+        raise ConfigError(f"--algo.sapo.topk_percent must be in (0, 100], got {sapo.topk_percent}: it is the "
+                          "percentage of a response's tokens that end a segment (the paper uses 30)")
+    if not (sapo.adv_clip >= 0.0):
+        raise ConfigError(f"--algo.sapo.adv_clip must be >= 0, got {sapo.adv_clip}: advantages are clamped to "
+                          "[-c, c]; pass 0 to disable the clamp (the release uses 5)")
+    if not (0.0 < sapo.lowprob_threshold <= 1.0):
+        raise ConfigError(f"--algo.sapo.lowprob_threshold must be a probability in (0, 1], got "
+                          f"{sapo.lowprob_threshold}")
+    if sapo.lowprob_every_k < 1:
+        raise ConfigError(f"--algo.sapo.lowprob_every_k must be >= 1, got {sapo.lowprob_every_k}")
+    if sapo.fixed_length < 1:
+        raise ConfigError(f"--algo.sapo.fixed_length must be >= 1 token, got {sapo.fixed_length}")
+    try:
+        re.compile(sapo.step_pattern)
+    except re.error as err:
+        raise ConfigError(f"--algo.sapo.step_pattern {sapo.step_pattern!r} is not a valid regular expression "
+                          f"({err}); the default is {DEFAULT_STEP_PATTERN!r}") from None
+
+    _check_unit("--algo.advantage.lambd", adv.lambd)
+    _check_unit("--algo.advantage.critic_lambd", adv.critic_lambd)
+    _check_unit("--algo.advantage.gamma", adv.gamma)
+
+    # Upstream defaults the critic of gae to the first reward model, or with a remote reward (or an
+    # agent) to the actor; with neither it crashes on None.split(",").
+    if (estimator in (SAPO_VALIDATES_AS, SAPO_ESTIMATOR) and args.critic.model_name_or_path is None
+            and not args.reward.remote_url and not args.train.agent_func_path and not args.reward.model_name_or_path):
+        raise ConfigError(f"--algo.advantage.estimator {estimator} needs a critic, and none can be derived: pass "
+                          "--critic.model_name_or_path, or --reward.model_name_or_path (the critic then defaults to "
+                          "the reward model), or --reward.remote_url / --train.agent_func_path with "
+                          "--actor.model_name_or_path (the critic then defaults to the actor)")
+
+    # Upstream refuses --ds.packing_samples for VLMs, but turns packing on itself, later in the
+    # same validation and with only a warning, for ring attention and dynamic batching.
+    images = args.data.max_images_per_prompt
+    if images > 0:
+        packing = [flag for flag, on in (
+            ("--ds.packing_samples", args.ds.packing_samples),
+            (f"--ds.ring_attn_size {args.ds.ring_attn_size}", args.ds.ring_attn_size > 1),
+            ("--train.dynamic_batch_enable", args.train.dynamic_batch_enable),
+        ) if on]
+        if packing:
+            raise ConfigError(f"VLM training (--data.max_images_per_prompt {images}) cannot use sample packing, which "
+                              f"{', '.join(packing)} {'turns' if len(packing) == 1 else 'turn'} on: packing breaks the "
+                              "alignment of image tokens with pixel_values (and M-RoPE position ids). Remove "
+                              f"{' and '.join(flag.split()[0] for flag in packing)}, or train text-only "
+                              "(--data.max_images_per_prompt 0)")
+
+    engines = args.vllm.num_engines
+    packing_on = args.ds.packing_samples or args.ds.ring_attn_size > 1 or args.train.dynamic_batch_enable
+    if packing_on and engines is None:  # upstream: `None > 0` -> TypeError
+        raise ConfigError("--ds.packing_samples (also turned on by --ds.ring_attn_size > 1 and "
+                          "--train.dynamic_batch_enable) is only supported with vLLM: set --vllm.num_engines >= 1")
+
+    pp, tp = args.vllm.pipeline_parallel_size, args.vllm.tensor_parallel_size
+    if pp < 1:
+        raise ConfigError(f"--vllm.pipeline_parallel_size must be >= 1, got {pp}")
+    if pp > 1 and not engines:
+        raise ConfigError(f"--vllm.pipeline_parallel_size {pp} needs vLLM engines, but --vllm.num_engines is "
+                          f"{engines}: set --vllm.num_engines >= 1 or drop --vllm.pipeline_parallel_size")
+    if engines and args.train.colocate_all and not args.train.async_enable:
+        # colocated (sync) engines share the actor's placement group, one GPU bundle per actor GPU
+        actor_gpus = args.actor.num_nodes * args.actor.num_gpus_per_node
+        per_engine = tp * pp
+        if actor_gpus != engines * per_engine:
+            raise ConfigError(
+                f"--train.colocate_all puts the vLLM engines on the actor's GPUs, so --actor.num_nodes * "
+                f"--actor.num_gpus_per_node ({args.actor.num_nodes} * {args.actor.num_gpus_per_node} = {actor_gpus}) "
+                f"must equal --vllm.num_engines * GPUs per engine, where an engine uses --vllm.tensor_parallel_size "
+                f"* --vllm.pipeline_parallel_size = {tp} * {pp} = {per_engine} GPUs: {engines} * {per_engine} = "
+                f"{engines * per_engine}. Change --vllm.num_engines (to {actor_gpus / per_engine:g}) or the sizes")
+
+
+def check_after_upstream(args: SimpleNamespace) -> None:
+    if args.algo.advantage.estimator == SAPO_ESTIMATOR and not args.critic.model_name_or_path:
+        raise ConfigError(
+            "--algo.advantage.estimator sapo needs a critic, but none resolved: with --reward.remote_url or "
+            "--train.agent_func_path the critic defaults to --actor.model_name_or_path "
+            f"({args.actor.model_name_or_path!r}); pass --critic.model_name_or_path or --actor.model_name_or_path")
+
+
+@contextlib.contextmanager
+def _swapped(namespace: SimpleNamespace, name: str, value):
+    old = getattr(namespace, name)
+    setattr(namespace, name, value)
+    try:
+        yield
+    finally:
+        # restore unless upstream itself changed the value meanwhile
+        if getattr(namespace, name) == value:
+            setattr(namespace, name, old)
+
+
+def _assertion_message(err: AssertionError) -> str:
+    message = str(err)
+    frames = traceback.extract_tb(err.__traceback__)
+    where = f" ({os.path.basename(frames[-1].filename)}:{frames[-1].lineno})" if frames else ""
+    if not message and frames:
+        message = f"assertion `{frames[-1].line}` failed"
+    return f"OpenRLHF's check failed{where}: {message}"
+
+
+def validate(args: SimpleNamespace, quiet_stdout: bool = False) -> SimpleNamespace:
+    """Ours, then upstream's validation (in place). Raises ConfigError with a message naming the fix."""
+    check_before_upstream(args)
+    estimator = args.algo.advantage.estimator
+    with contextlib.ExitStack() as stack:
+        if quiet_stdout:  # upstream prints its warnings to stdout; keep --dry-run's stdout pure JSON
+            stack.enter_context(contextlib.redirect_stdout(sys.stderr))
+        if estimator == SAPO_ESTIMATOR:
+            stack.enter_context(_swapped(args.algo.advantage, "estimator", SAPO_VALIDATES_AS))
+        if estimator in VLM_CRITIC_ESTIMATORS and args.data.max_images_per_prompt > 0:
+            stack.enter_context(_swapped(args.data, "max_images_per_prompt", 0))
+        try:
+            upstream_main().validate(args)
+        except AssertionError as err:
+            raise ConfigError(_assertion_message(err)) from err
+    check_after_upstream(args)
+    return args
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> SimpleNamespace:
+    """Parse, hierarchize and validate like upstream's `__main__`; errors exit with status 2 (parser.error)."""
+    parser = build_parser()
+    flat = parser.parse_args(argv)
+    args = upstream_hierarchize()(flat)
+    try:
+        return validate(args, quiet_stdout=args.dry_run)
+    except ConfigError as err:
+        parser.error(str(err))
+
+
+def to_jsonable(value):
+    """Nested dicts / lists of JSON values; anything else (inf, objects) as str."""
+    if isinstance(value, SimpleNamespace):
+        value = vars(value)
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def _upstream_train() -> Callable:
+    return _import_upstream_module().train
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = parse_args(argv)
+    if args.dry_run:
+        print(json.dumps(to_jsonable(args), indent=2, sort_keys=True))
+        return
+    upstream_main().use_modelscope(args)
+    from openrlhf_sapo.seam import install_for_training
+
+    install_for_training(args)
+    _upstream_train()(args)
+
+
+if __name__ == "__main__":
+    main()
