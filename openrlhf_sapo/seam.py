@@ -58,10 +58,19 @@ UPSTREAM_SYMBOLS = (
     ("openrlhf.trainer.ppo_trainer_async", "PPOTrainerAsync", "remote subclass applying the patches"),
     ("openrlhf.trainer.ppo_trainer_async", "TrainingActor", "remote subclass applying the patches"),
     ("openrlhf.trainer.ppo_trainer_async", "GenerateSamplesActor", "remote subclass applying the patches"),
+    ("openrlhf.cli.train_ppo_ray", "train", "called by our CLI after our validation and the patches"),
     ("openrlhf.models.utils", "compute_entropy", "wrapped: chunked (memory-safe) when no gradient is needed"),
     ("openrlhf.models.actor", "compute_entropy", "rebound to the wrapper, for the experience forward"),
     ("openrlhf.trainer.ray.vllm_engine", "RolloutRayActor", "remote subclass: vLLM pipeline parallel"),
     ("openrlhf.trainer.ray.vllm_engine", "create_vllm_engines", "placement for pipeline-parallel engines"),
+)
+
+
+# Upstream code the project runs from the installed source files rather than by import
+# (openrlhf_sapo/cli/train_ppo_ray.py checks the structure it expects and fails clearly).
+UPSTREAM_SOURCE_READS = (
+    ("openrlhf.cli.train_ppo_ray", "__main__ block: the argparse parser and the argument validation"),
+    ("openrlhf.utils.config", "hierarchize, loaded alone (openrlhf.utils' __init__ imports DeepSpeed)"),
 )
 
 

@@ -451,7 +451,7 @@ def test_assertion_message_points_into_the_upstream_file(capsys):
 def test_main_dry_run_prints_the_config_and_starts_nothing(monkeypatch, capsys):
     calls = []
     monkeypatch.setattr(seam, "install_for_training", lambda args: calls.append("install"), raising=False)
-    monkeypatch.setattr(cli, "_upstream_train", lambda: calls.append("train"))
+    monkeypatch.setattr(seam, "upstream", lambda module, attribute: calls.append("train"))
     cli.main([*SAPO, "--dry-run"])
     out = capsys.readouterr().out
     config = json.loads(out)
@@ -463,18 +463,18 @@ def test_main_dry_run_prints_the_config_and_starts_nothing(monkeypatch, capsys):
 def test_main_installs_sapo_then_runs_upstream_train(monkeypatch):
     calls = []
     monkeypatch.setattr(seam, "install_for_training", lambda args: calls.append(("install", args)), raising=False)
-    monkeypatch.setattr(cli, "_upstream_train", lambda: (lambda args: calls.append(("train", args))))
+    trains = []
+
+    def fake_upstream(module, attribute):
+        trains.append((module, attribute))  # main() runs OpenRLHF's own train(), through the seam
+        return lambda args: calls.append(("train", args))
+
+    monkeypatch.setattr(seam, "upstream", fake_upstream)
     cli.main(SAPO)
+    assert trains == [("openrlhf.cli.train_ppo_ray", "train")]
     assert [name for name, _ in calls] == ["install", "train"]
     assert calls[0][1] is calls[1][1] and calls[1][1].algo.advantage.estimator == "sapo"
     assert calls[1][1].critic.model_name_or_path == "rm"
-
-
-def test_upstream_train_is_openrlhfs():
-    """Without importing Ray/vLLM here: the function main() calls is the module attribute `train`."""
-    source = open(os.path.join(REPO, "openrlhf_sapo", "cli", "train_ppo_ray.py"), encoding="utf-8").read()
-    assert "return _import_upstream_module().train" in source
-    assert cli.UPSTREAM_MODULE == "openrlhf.cli.train_ppo_ray"
 
 
 # ---------------------------------------------------------------- extraction

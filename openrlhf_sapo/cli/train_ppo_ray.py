@@ -544,10 +544,6 @@ def to_jsonable(value):
     return str(value)
 
 
-def _upstream_train() -> Callable:
-    return _import_upstream_module().train
-
-
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
     if args.dry_run:
@@ -557,7 +553,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     from openrlhf_sapo.seam import install_for_training
 
     install_for_training(args)
-    _upstream_train()(args)
+    seam.upstream(UPSTREAM_MODULE, "train")(args)
 
 
 if __name__ == "__main__":
