@@ -53,11 +53,15 @@ UPSTREAM_SYMBOLS = (
     ("openrlhf.trainer.ppo_utils.experience_maker", "RemoteExperienceMaker", "subclassed: SegmentExperienceMaker"),
     ("openrlhf.trainer.ray.ppo_actor", "ActorPPOTrainer", "subclassed: SegmentActorPPOTrainer; rebound"),
     ("openrlhf.trainer.ray.ppo_actor", "PolicyModelActor", "remote subclass: entropy in the experience forward"),
-    ("openrlhf.trainer.ray.ppo_critic", "CriticModelActor", "remote subclass: boundary-masked critic buffer"),
+    ("openrlhf.trainer.ray.ppo_critic", "CriticModelActor", "remote subclass: boundary-masked buffer, VLM inputs"),
+    ("openrlhf.trainer.ray.ppo_critic", "CriticPPOTrainer", "subclassed: VLM inputs in the training step; rebound"),
+    ("openrlhf.utils.vlm_utils", "merge_mm_train_inputs", "merges VLM inputs for the critic as for the actor"),
     ("openrlhf.trainer.ppo_trainer", "PPOTrainer", "remote subclass applying the patches in its worker"),
     ("openrlhf.trainer.ppo_trainer_async", "PPOTrainerAsync", "remote subclass applying the patches"),
     ("openrlhf.trainer.ppo_trainer_async", "TrainingActor", "remote subclass applying the patches"),
     ("openrlhf.trainer.ppo_trainer_async", "GenerateSamplesActor", "remote subclass applying the patches"),
+    ("openrlhf.models", "get_llm_for_sequence_regression", "wrapped by load_critic: VLM configs get VLMCritic"),
+    ("openrlhf.trainer.ray.ppo_critic", "get_llm_for_sequence_regression", "rebound to load_critic"),
     ("openrlhf.cli.train_ppo_ray", "train", "called by our CLI after our validation and the patches"),
     ("openrlhf.models.utils", "compute_entropy", "wrapped: chunked (memory-safe) when no gradient is needed"),
     ("openrlhf.models.actor", "compute_entropy", "rebound to the wrapper, for the experience forward"),
@@ -154,6 +158,7 @@ _applied = False
 def patch_table():
     """(module, attribute, replacement) for every rebinding, driver and workers alike."""
     from .models.utils import compute_entropy
+    from .models.vlm_critic import load_critic
     from .trainer.ppo_trainer import (
         SapoGenerateSamplesActor,
         SapoPPOTrainer,
@@ -163,7 +168,7 @@ def patch_table():
     from .trainer.ppo_utils.experience import SegmentExperience
     from .trainer.ppo_utils.experience_maker import SegmentExperienceMaker
     from .trainer.ray.ppo_actor import SapoPolicyModelActor, SegmentActorPPOTrainer
-    from .trainer.ray.ppo_critic import SapoCriticModelActor
+    from .trainer.ray.ppo_critic import SapoCriticModelActor, SegmentCriticPPOTrainer
 
     experience_users = (
         "openrlhf.trainer.ppo_utils.experience",  # concat/split/make_experience_batch build it
@@ -180,6 +185,8 @@ def patch_table():
         ("openrlhf.trainer.ray.ppo_actor", "ActorPPOTrainer", SegmentActorPPOTrainer),
         ("openrlhf.trainer.ray.ppo_actor", "PolicyModelActor", SapoPolicyModelActor),
         ("openrlhf.trainer.ray.ppo_critic", "CriticModelActor", SapoCriticModelActor),
+        ("openrlhf.trainer.ray.ppo_critic", "CriticPPOTrainer", SegmentCriticPPOTrainer),
+        ("openrlhf.trainer.ray.ppo_critic", "get_llm_for_sequence_regression", load_critic),
         ("openrlhf.cli.train_ppo_ray", "PolicyModelActor", SapoPolicyModelActor),
         ("openrlhf.cli.train_ppo_ray", "CriticModelActor", SapoCriticModelActor),
         ("openrlhf.trainer.ppo_trainer", "PPOTrainer", SapoPPOTrainer),  # train() imports it lazily

@@ -111,10 +111,13 @@ def plain(value):
 def without_additions(config: dict) -> dict:
     """Our resolved config minus what this project adds, with the time-stamped run name normalised."""
     config = json.loads(json.dumps(config, default=repr))  # deep copy
+    for dest in cli.ADDED_DESTS:  # every flag this project adds, by its dotted dest
+        *parents, leaf = dest.split(".")
+        node = config
+        for parent in parents:
+            node = node[parent]
+        node.pop(leaf)
     config["algo"].pop("sapo")
-    config["algo"]["advantage"].pop("critic_lambd")
-    config["vllm"].pop("pipeline_parallel_size")
-    config.pop("dry_run")
     return normalise_run_name(config)
 
 
@@ -297,11 +300,12 @@ def test_sapo_keeps_and_defaults_the_critic_exactly_as_gae(critic_source):
     assert ours == normalise_run_name(plain(upstream_gae))
 
 
-def test_a_critic_on_a_vlm_is_refused_as_upstream_does(capsys):
-    """OpenRLHF's critic is text-only; until a VLM critic is used, sapo and gae on a VLM are refused."""
+def test_sapo_and_gae_on_a_vlm_keep_the_vlm_critic_where_upstream_refuses(capsys):
     for estimator in ("sapo", "gae"):
-        argv = with_flag(VLM_MATH_HYBRID_ENGINE, "--algo.advantage.estimator", estimator)
-        assert "VLM training does not support critic model" in rejected(argv, capsys)
+        args = cli.parse_args(with_flag(VLM_MATH_HYBRID_ENGINE, "--algo.advantage.estimator", estimator))
+        assert args.algo.advantage.estimator == estimator
+        assert args.critic.model_name_or_path == "Qwen/Qwen3.5-2B"  # remote reward: the critic defaults to the actor
+        assert args.data.max_images_per_prompt == 1  # restored after upstream's validation
     with pytest.raises(AssertionError, match="VLM training does not support critic model"):
         run_upstream_main(with_flag(VLM_MATH_HYBRID_ENGINE, "--algo.advantage.estimator", "gae"))
 

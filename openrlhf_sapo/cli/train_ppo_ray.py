@@ -69,10 +69,10 @@ SAPO_ESTIMATOR = "sapo"
 # The estimator whose upstream validation (critic defaulting, checks) SAPO runs under.
 SAPO_VALIDATES_AS = "gae"
 # Estimators allowed a critic on a VLM. OpenRLHF refuses a critic for VLMs ("VLM training does not
-# support critic model") because its critic is text-only; the refusal is lifted for these estimators
-# only once openrlhf_sapo's VLM critic is in use (packing, upstream's other VLM assertion, is then
-# checked here instead). Until that critic exists, none: SAPO, PPO and VC-PPO on a VLM are refused.
-VLM_CRITIC_ESTIMATORS: tuple = ()
+# support critic model") because its critic is text-only; this CLI always installs openrlhf_sapo's
+# VLM critic (models/vlm_critic.py), so the refusal is lifted for the critic-based estimators (packing,
+# upstream's other VLM assertion, is checked here instead).
+VLM_CRITIC_ESTIMATORS = ("gae", SAPO_ESTIMATOR)
 
 SEGMENTERS = ("entropy", "newline", "step", "lowprob", "fixed")  # = openrlhf_sapo.algo.segmenters.SEGMENTERS
 VALUE_AT = ("end", "start")
@@ -128,6 +128,8 @@ ADDED_FLAGS = (
     _Flag("--algo.advantage.critic_lambd", dict(type=float, default=None,
           help="VC-PPO decoupled lambda for gae and sapo: the critic's returns use this lambda, the actor's "
           "advantages --algo.advantage.lambd. Default: the same as --algo.advantage.lambd.")),
+    _Flag("--critic.freeze_visual_encoder", dict(action="store_true", default=False,
+          help="VLM critic: freeze its vision tower (as --actor.freeze_visual_encoder does for the actor).")),
     _Flag("--vllm.pipeline_parallel_size", dict(type=int, default=1,
           help="pipeline parallel size of each vLLM engine; an engine then uses --vllm.tensor_parallel_size * "
           "--vllm.pipeline_parallel_size GPUs.")),

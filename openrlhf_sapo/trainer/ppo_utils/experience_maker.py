@@ -52,10 +52,14 @@ class SegmentExperienceMaker(RemoteExperienceMaker):
         self._entropies: Optional[List[torch.Tensor]] = None
         self._experience_by_mask: Dict[int, object] = {}
         self._vocab_tables: Optional[Dict] = None
+        self._critic_mm_inputs = None
 
     # ---------------------------------------------------------------- rollout entropy
 
     def _dispatch_forward(self, group, sync_condition, **kwargs):
+        if group is self.critic_model_group and self._critic_mm_inputs is not None:
+            # A VLM critic sees the images too (upstream sends the critic text only).
+            kwargs["mm_train_inputs_list"] = self._critic_mm_inputs
         if self.is_sapo and group is self.actor_model_group:
             kwargs["return_entropy"] = [True] * len(kwargs["sequences"])
             self._actor_refs = super()._dispatch_forward(group, sync_condition, **kwargs)
@@ -73,7 +77,16 @@ class SegmentExperienceMaker(RemoteExperienceMaker):
 
     @torch.no_grad()
     def make_experience(self, samples_list):
-        experiences = super().make_experience(samples_list)
+        vision_ids = self.vision_token_ids()
+        if vision_ids:
+            for samples in samples_list:
+                mask_vision_tokens_in_responses(samples, vision_ids, self.tokenizer_pad_id())
+        has_mm = any(s.mm_train_inputs for s in samples_list)
+        self._critic_mm_inputs = [s.mm_train_inputs for s in samples_list] if has_mm else None
+        try:
+            experiences = super().make_experience(samples_list)
+        finally:
+            self._critic_mm_inputs = None
         if self.is_sapo:
             entropies, self._entropies = self._entropies, None
             for experience, entropy in zip(experiences, entropies):
@@ -107,6 +120,23 @@ class SegmentExperienceMaker(RemoteExperienceMaker):
             texts = token_text_table(tokenizer)
             self._vocab_tables = {"texts": texts, "newline": newline_token_table(texts)}
         return self._vocab_tables
+
+    # ---------------------------------------------------------------- VLM guard
+
+    def vision_token_ids(self) -> set:
+        """Ids of the processor's vision tokens (empty for a text tokenizer)."""
+        processor = self.tokenizer
+        tokenizer = getattr(processor, "tokenizer", None)
+        if tokenizer is None:
+            return set()
+        ids = {getattr(processor, a, None) for a in ("image_token_id", "video_token_id")}
+        vocab = tokenizer.get_vocab()
+        ids |= {vocab.get(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")}
+        return {int(i) for i in ids if i is not None}
+
+    def tokenizer_pad_id(self) -> int:
+        tokenizer = getattr(self.tokenizer, "tokenizer", self.tokenizer)
+        return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     # ---------------------------------------------------------------- advantages
 
@@ -156,6 +186,21 @@ class SegmentExperienceMaker(RemoteExperienceMaker):
             whitened = masked_whiten(flat, mask, clamp=clamp)
         for experience, chunk in zip(experiences, whitened[0].split([e.advantages.numel() for e in experiences])):
             experience.advantages = chunk.view_as(experience.advantages)
+
+
+def mask_vision_tokens_in_responses(samples, vision_ids: set, pad_id: int) -> int:
+    """A sampled response may contain vision special tokens (`<|image_pad|>`...), which a VLM
+    cannot take as input outside the processor's layout ("Image features and image tokens do
+    not match"). Replace them by padding and drop them from the action mask, so neither the
+    actor nor the critic forward crashes and no loss is computed on them. Returns the count."""
+    width = samples.action_mask.shape[1]
+    response = samples.sequences[:, -width:]
+    bad = torch.isin(response, torch.tensor(sorted(vision_ids), device=response.device)) & samples.action_mask.bool()
+    count = int(bad.sum())
+    if count:
+        response[bad] = pad_id  # a view into sequences: edits the sample in place
+        samples.action_mask = samples.action_mask & ~bad if samples.action_mask.dtype == torch.bool else samples.action_mask * ~bad
+    return count
 
 
 @contextlib.contextmanager

@@ -1,20 +1,27 @@
 """SAPO's critic side (the counterpart of openrlhf/trainer/ray/ppo_critic.py).
 
-The critic is trained where segment values are read (paper Eq. 10): segment ends, or
-starts with `--algo.sapo.value_at start`. The critic worker's copy of each experience gets
-that boundary mask as its action_mask before it enters the replay buffer, so upstream's
-ValueLoss, its global token normalisation (also across DP ranks and dynamic batches) and its
-logged `values` all run over the boundary tokens. The critic's forward reads only the mask's
-width, so values still come out for every position.
+- Boundary critic (paper Eq. 10): the critic is trained where segment values are read
+  (segment ends, or starts with `--algo.sapo.value_at start`). The critic worker's copy of
+  each experience gets that boundary mask as its action_mask before it enters the replay
+  buffer, so upstream's ValueLoss, its global token normalisation (also across DP ranks and
+  dynamic batches) and its logged `values` all run over the boundary tokens. The critic's
+  forward reads only the mask's width, so values still come out for every position.
+- VLM critic: the experience forward and the training step hand the critic the same
+  multi-modal inputs (pixel values, grid sizes) as the actor; upstream passes none.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 from ...algo.segments import value_read_positions
+from ...models.vlm_critic import vlm_critic_options
 from ...seam import sapo_remote_class, upstream
 from ..ppo_utils.experience_maker import sapo_options
 
 CriticModelActor = upstream("openrlhf.trainer.ray.ppo_critic", "CriticModelActor")
+CriticPPOTrainer = upstream("openrlhf.trainer.ray.ppo_critic", "CriticPPOTrainer")
+merge_mm_train_inputs = upstream("openrlhf.utils.vlm_utils", "merge_mm_train_inputs")
 
 
 def to_boundary_experience(experience, value_at: str):
@@ -26,7 +33,56 @@ def to_boundary_experience(experience, value_at: str):
     return experience
 
 
+class _CallWith:
+    """Stands in for a model during one upstream call, adding keyword inputs to every call."""
+
+    def __init__(self, model, **extra):
+        self._model, self._extra = model, extra
+
+    def __call__(self, *args, **kwargs):
+        return self._model(*args, **kwargs, **self._extra)
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
+@contextlib.contextmanager
+def critic_inputs(owner, mm_inputs: dict):
+    """While active, `owner.critic(...)` also receives the multi-modal inputs."""
+    if not mm_inputs:
+        yield
+        return
+    critic = owner.critic
+    owner.critic = _CallWith(critic, **mm_inputs)
+    try:
+        yield
+    finally:
+        owner.critic = critic
+
+
+class SegmentCriticPPOTrainer(CriticPPOTrainer):
+    """Upstream's critic trainer; a VLM critic's training forward also gets the images."""
+
+    def training_step(self, experience, *args, **kwargs):
+        mm = getattr(experience, "mm_train_inputs", None)
+        mm_inputs = merge_mm_train_inputs(mm, experience.sequences.device) if mm else {}
+        with critic_inputs(self, mm_inputs):
+            return super().training_step(experience, *args, **kwargs)
+
+
 class SapoCriticModelActorMixin:
+    def init_model_from_pretrained(self, strategy, *args, **kwargs):
+        freeze = bool(getattr(strategy.args.critic, "freeze_visual_encoder", False))
+        with vlm_critic_options(freeze_visual_encoder=freeze):
+            return super().init_model_from_pretrained(strategy, *args, **kwargs)
+
+    def forward(self, *args, mm_train_inputs_list=None, **kwargs):
+        import torch
+
+        mm_inputs = merge_mm_train_inputs(mm_train_inputs_list, torch.cuda.current_device()) if mm_train_inputs_list else {}
+        with critic_inputs(self, mm_inputs):
+            return super().forward(*args, **kwargs)
+
     def append(self, experience):
         args = self.trainer.args
         if args.algo.advantage.estimator == "sapo":
