@@ -1,0 +1,11 @@
+"""Data preparation: turn Geo3K, GSM8K and MATH into OpenRLHF prompt datasets (jsonl).
+
+    python -m openrlhf_sapo.data.geo3k --output-dir data/geo3k
+    python -m openrlhf_sapo.data.gsm8k --output-dir data/gsm8k
+    python -m openrlhf_sapo.data.math  --output-dir data/math
+
+Each writes one ``<split>.jsonl`` per split (Geo3K also ``images/<split>/<row>.png``) with the keys
+``prompt``, ``label`` (, ``images``), ``answer_type``, ``datasource``, ``source``, ``id``, and prints
+the OpenRLHF flags that read them. ``openrlhf_sapo.data.common`` holds the shared reading, validation
+and writing. Submodules are not imported here, so ``import openrlhf_sapo.data`` stays cheap.
+"""
