@@ -66,7 +66,7 @@ UPSTREAM_SYMBOLS = (
     ("openrlhf.models.utils", "compute_entropy", "wrapped: chunked (memory-safe) when no gradient is needed"),
     ("openrlhf.models.actor", "compute_entropy", "rebound to the wrapper, for the experience forward"),
     ("openrlhf.trainer.ray.vllm_engine", "RolloutRayActor", "remote subclass: vLLM pipeline parallel"),
-    ("openrlhf.trainer.ray.vllm_engine", "create_vllm_engines", "placement for pipeline-parallel engines"),
+    ("openrlhf.trainer.ray.vllm_engine", "create_vllm_engines", "tests check bundles and engine args for pipeline parallel"),
 )
 
 
