@@ -450,3 +450,29 @@ def test_make_experience_batch_end_to_end(monkeypatch):
     flat_mask = torch.cat([e.action_mask.flatten() for e in experiences])[None].bool()
     expected = masked_whiten(torch.cat([r.flatten() for r in raw])[None], flat_mask, clamp=5.0)[0]
     torch.testing.assert_close(torch.cat([e.advantages.flatten() for e in experiences]), expected)
+
+
+def test_a_pickled_sapo_worker_class_patches_a_fresh_process(tmp_path):
+    """What Ray does: pickle the remote class in the driver, load it in a new process (where
+    nothing of ours ran), construct it. Its __init__ must make upstream build SAPO's classes there."""
+    import subprocess
+    import sys
+
+    import ray.cloudpickle as cloudpickle
+
+    from openrlhf_sapo.trainer.ray.ppo_critic import SapoCriticModelActor
+
+    (tmp_path / "cls.pkl").write_bytes(cloudpickle.dumps(SapoCriticModelActor.__ray_actor_class__))
+    script = f"""
+import ray.cloudpickle as cloudpickle
+cls = cloudpickle.loads(open({str(tmp_path / "cls.pkl")!r}, "rb").read())
+import openrlhf.trainer.ppo_utils.experience as experience
+import openrlhf.trainer.ray.ppo_critic as ppo_critic
+before = experience.Experience.__name__
+ppo_critic.BaseModelActor.__init__ = lambda self, *a, **k: None  # no torch.distributed here
+cls.__new__(cls).__init__(1, 0, None, None)
+print(before, experience.Experience.__name__, ppo_critic.CriticPPOTrainer.__name__)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-3:] == ["Experience", "SegmentExperience", "SegmentCriticPPOTrainer"]
