@@ -1,0 +1,1 @@
+"""Tiny offline models for the CPU demo and tests."""
