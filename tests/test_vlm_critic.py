@@ -40,7 +40,7 @@ def test_loads_the_vlm_weights_and_initialises_the_head_like_upstream(vlm_path):
     assert set(ours) - set(theirs) == {"score.weight"} and set(theirs) - set(ours) == {"lm_head.weight"}
     assert all(torch.equal(ours[k], theirs[k]) for k in ours if k in theirs)  # no silently random backbone
     std = critic.score.weight.float().std().item()
-    assert 0.3 / 65 < std < 3 / 65  # upstream's init: normal with std 1 / (hidden + 1)
+    assert 0.3 / 65 < std < 3 / 65  # hidden 64; upstream's init: normal with std 1 / (hidden + 1)
 
 
 def test_text_models_still_get_upstreams_critic(tmp_path):
