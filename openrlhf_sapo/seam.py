@@ -146,7 +146,7 @@ def sapo_remote_class(remote_cls, mixin=None):
             base.__init__(self, *args, **kwargs)
 
     bases = (mixin, base) if mixin is not None else (base,)
-    cls = type(f"Sapo{base.__name__}", bases, {"__init__": __init__, "__module__": (mixin or base).__module__})
+    cls = type(f"Sapo{base.__name__}", bases, {"__init__": __init__, "__module__": mixin.__module__ if mixin is not None else __name__})
     remote = ray.remote(**remote_cls._default_options)(cls) if remote_cls._default_options else ray.remote(cls)
     remote.__sapo_replaces__ = remote_cls
     return remote
