@@ -16,6 +16,7 @@ the project uses, subclasses, wraps or rebinds, and applies the rebindings:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.metadata
 import inspect
@@ -67,7 +68,23 @@ UPSTREAM_SYMBOLS = (
     ("openrlhf.models.actor", "compute_entropy", "rebound to the wrapper, for the experience forward"),
     ("openrlhf.trainer.ray.vllm_engine", "RolloutRayActor", "remote subclass: vLLM pipeline parallel"),
     ("openrlhf.trainer.ray.vllm_engine", "create_vllm_engines", "tests check bundles and engine args for pipeline parallel"),
+    # The single-process backend (trainer/local, cli/train_local.py) runs these in one process.
+    ("openrlhf.trainer.ray.launcher", "ReferenceModelActor", "local backend: the reference model worker"),
+    ("openrlhf.trainer.ray.launcher", "RewardModelActor", "local backend: the reward model worker"),
+    ("openrlhf.trainer.ray.vllm_engine", "_load_agent_executor", "local backend: --train.agent_func_path"),
+    ("openrlhf.utils.agent", "SingleTurnAgentExecutor", "local backend: tokenisation, VLM inputs, reward_func"),
+    ("openrlhf.utils", "get_strategy", "local backend: one DeepspeedStrategy per worker, as in Ray"),
 )
+
+# Upstream modules that call the `ray` module at run time and that the single-process backend
+# runs in one process; `local_ray()` swaps their `ray` for an in-process object store offering
+# exactly these calls (checked against their source).
+LOCAL_RAY_MODULES = (
+    "openrlhf.trainer.ppo_trainer",
+    "openrlhf.trainer.ppo_utils.experience_maker",
+    "openrlhf.trainer.ppo_utils.samples_generator",
+)
+LOCAL_RAY_CALLS = frozenset({"get", "put", "wait"})
 
 
 # Upstream code the project runs from the installed source files rather than by import
@@ -206,6 +223,37 @@ def apply_patches() -> None:
     for module, attribute, replacement in patch_table():
         rebind(module, attribute, replacement)
     _applied = True
+
+
+@contextlib.contextmanager
+def local_ray(store):
+    """Within the block, upstream's LOCAL_RAY_MODULES call `store` where they call `ray`.
+
+    Each module's source is checked first: a `ray.<name>` call outside LOCAL_RAY_CALLS (other
+    than the import-time `ray.remote` decorator) would not work in one process, so it raises
+    UpstreamMismatch instead of failing mid-run."""
+    import re
+    import types
+
+    prepare()
+    saved = {}
+    facade = types.SimpleNamespace(**{name: getattr(store, name) for name in LOCAL_RAY_CALLS})
+    try:
+        for name in LOCAL_RAY_MODULES:
+            module = importlib.import_module(name)
+            calls = set(re.findall(r"\bray\.(\w+)\(", inspect.getsource(module))) - {"remote"}
+            if not calls <= LOCAL_RAY_CALLS:
+                raise UpstreamMismatch(
+                    f"{name} calls ray.{sorted(calls - LOCAL_RAY_CALLS)} at run time; openrlhf_sapo's "
+                    f"single-process backend only provides ray.{sorted(LOCAL_RAY_CALLS)} "
+                    f"(openrlhf=={OPENRLHF_VERSION} changed?)"
+                )
+            saved[name] = module.ray
+            module.ray = facade
+        yield facade
+    finally:
+        for name, original in saved.items():
+            importlib.import_module(name).ray = original
 
 
 def install_for_training(args) -> None:

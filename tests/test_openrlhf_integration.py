@@ -235,7 +235,7 @@ def test_maker_segments_with_the_configured_segmenter(segmenter, options):
         assert torch.equal(exp.segment_ends, fixed_segment_ends(exp.action_mask, 3))
     assert exp.info["sapo/segments_per_response"].shape == (exp.action_mask.shape[0],)
     assert torch.equal(exp.info["sapo/segments_per_response"], exp.segment_ends.sum(1).float())
-    assert "sapo/rollout_entropy" in exp.info and "sapo/boundary_entropy_threshold" in exp.info
+    assert "sapo/boundary_entropy_threshold" in exp.info
 
 
 # ---------------------------------------------------------------- rollout entropy
@@ -441,6 +441,8 @@ def test_make_experience_batch_end_to_end(monkeypatch):
         torch.testing.assert_close(exp.action_log_probs, log_probs)
         assert torch.equal(exp.segment_ends, entropy_segment_ends(entropy, exp.action_mask.bool(), 30.0))
         assert exp.info["sapo/segments_per_response"].shape == (exp.action_mask.shape[0],)
+        mean_entropy = (entropy * exp.action_mask).sum(1) / exp.action_mask.sum(1)
+        torch.testing.assert_close(exp.info["policy_entropy"], mean_entropy)
     # Advantages: segment GAE on (outcome at EOS, zero values), whitened over both micro-batches.
     raw = []
     for exp in experiences:

@@ -520,9 +520,11 @@ def validate(args: SimpleNamespace, quiet_stdout: bool = False) -> SimpleNamespa
     return args
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> SimpleNamespace:
-    """Parse, hierarchize and validate like upstream's `__main__`; errors exit with status 2 (parser.error)."""
-    parser = build_parser()
+def parse_args(argv: Optional[Sequence[str]] = None,
+               parser: Optional[argparse.ArgumentParser] = None) -> SimpleNamespace:
+    """Parse, hierarchize and validate like upstream's `__main__`; errors exit with status 2 (parser.error).
+    `parser`: `build_parser()` with more flags added (the single-process CLI's)."""
+    parser = parser or build_parser()
     flat = parser.parse_args(argv)
     args = upstream_hierarchize()(flat)
     try:

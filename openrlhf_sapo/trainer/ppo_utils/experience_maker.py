@@ -2,7 +2,8 @@
 
 Everything upstream does stays upstream's (model dispatch, KL, length penalties, group
 baselines, `compute_reward`); the subclass adds, for `--algo.advantage.estimator sapo`:
-  1. the actor's experience forward also returns the rollout entropy (`return_entropy`);
+  1. the actor's experience forward also returns the rollout entropy (`return_entropy`; every
+     estimator logs its mean as `policy_entropy`, only sapo keeps it in the experience);
   2. segment ends, computed once per sample by the configured segmenter and stored with the
      experience (with segment statistics in `info`, logged like every (B,) info tensor);
   3. segment GAE in place of token GAE, then whitening over the whole batch and the
@@ -60,7 +61,7 @@ class SegmentExperienceMaker(RemoteExperienceMaker):
         if group is self.critic_model_group and self._critic_mm_inputs is not None:
             # A VLM critic sees the images too (upstream sends the critic text only).
             kwargs["mm_train_inputs_list"] = self._critic_mm_inputs
-        if self.is_sapo and group is self.actor_model_group:
+        if group is self.actor_model_group:
             kwargs["return_entropy"] = [True] * len(kwargs["sequences"])
             self._actor_refs = super()._dispatch_forward(group, sync_condition, **kwargs)
             return self._actor_refs
@@ -87,9 +88,12 @@ class SegmentExperienceMaker(RemoteExperienceMaker):
             experiences = super().make_experience(samples_list)
         finally:
             self._critic_mm_inputs = None
-        if self.is_sapo:
-            entropies, self._entropies = self._entropies, None
-            for experience, entropy in zip(experiences, entropies):
+        entropies, self._entropies = self._entropies, None
+        for experience, entropy in zip(experiences, entropies):
+            mask = experience.action_mask.bool()
+            # Every estimator logs the policy's entropy on its own samples (spec 8); only SAPO keeps it.
+            experience.info["policy_entropy"] = (entropy * mask).sum(1) / mask.sum(1).clamp(min=1)
+            if self.is_sapo:
                 experience.entropy = entropy
                 self.segment(experience)
         return experiences
@@ -109,8 +113,6 @@ class SegmentExperienceMaker(RemoteExperienceMaker):
         needed = {k: inputs[k] for k in get_segmenter(name).needs}
         experience.segment_ends = segment_ends(name, mask, **needed, **options)
         stats = segment_statistics(mask, experience.segment_ends, experience.entropy)
-        if experience.entropy is not None:
-            stats["rollout_entropy"] = (experience.entropy * mask).sum(1) / mask.sum(1).clamp(min=1)
         experience.info.update({f"sapo/{k}": v for k, v in stats.items()})
 
     def vocab_tables(self) -> Dict:

@@ -1,0 +1,3 @@
+from openrlhf_sapo.demo.run import main
+
+main()

@@ -1,0 +1,225 @@
+"""`python -m openrlhf_sapo.demo` (`make demo`): PPO, GRPO and SAPO from one warm-started tiny model.
+
+1. builds the task's tiny model offline (a Qwen2.5-VL for `digits`, a Qwen2 for `arithmetic`),
+   warm-starts it on step-wise solutions with realistic mistakes (cached under `<out>/warm_start`),
+   and writes the prompt files (`<out>/data/{train,heldout}.jsonl`);
+2. trains every method for every seed with `python -m openrlhf_sapo.cli.train_local` (one
+   subprocess per run; the exact command is saved next to its outputs), the same number of samples
+   per step and of steps for every method (GRPO draws fewer prompts and several samples each);
+3. writes `<out>/report.md` with plots (demo/report.py).
+
+Every run logs to tensorboard (`<run>/tensorboard`) and to `<run>/metrics.jsonl`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Dict, List, Optional
+
+from openrlhf_sapo.demo.tasks import TASKS, get_task
+
+REWARD_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reward_func.py")
+
+
+@dataclass(frozen=True)
+class Preset:
+    seeds: tuple = (1, 2, 3)
+    steps: int = 30  # RL steps per run
+    samples_per_step: int = 64  # responses generated per step, every method
+    grpo_group: int = 4  # GRPO samples per prompt
+    updates_per_step: int = 4  # optimizer steps per RL step (train batch = samples / updates)
+    eval_every: int = 5
+    eval_n: int = 64
+    max_new_tokens: int = 40
+    warm_steps: int = 300
+    warm_batch: int = 16
+    model: Dict = field(default_factory=dict)  # tiny model size overrides
+
+
+PRESETS = {
+    "full": Preset(),
+    "quick": Preset(seeds=(1,), steps=2, samples_per_step=16, updates_per_step=1, eval_every=2, eval_n=8,
+                    max_new_tokens=24, warm_steps=20, warm_batch=8),
+}
+
+# Per method: the paper's recipe (SAPO_SPEC 6), scaled to a tiny model (larger learning rates).
+ACTOR_LR, CRITIC_LR = 1e-4, 1e-3
+
+
+def method_flags(method: str, model: str, preset: Preset) -> List[str]:
+    critic = ["--critic.model_name_or_path", model, "--critic.adam.lr", str(CRITIC_LR),
+              "--critic.lr_warmup_ratio", "0"]
+    kl_in_reward = ["--algo.kl.init_coef", "0.001", "--algo.kl.estimator", "k1"]
+    table = {
+        "ppo": ["--algo.advantage.estimator", "gae", "--algo.advantage.gamma", "1.0", "--algo.advantage.lambd", "0.95",
+                *critic, *kl_in_reward],
+        "sapo": ["--algo.advantage.estimator", "sapo", "--algo.advantage.gamma", "1.0", "--algo.advantage.lambd", "0.99",
+                 "--algo.sapo.segmenter", "entropy", "--algo.sapo.topk_percent", "30", *critic, *kl_in_reward],
+        "grpo": ["--algo.advantage.estimator", "group_norm", "--rollout.n_samples_per_prompt", str(preset.grpo_group),
+                 "--algo.kl.use_loss", "--algo.kl.estimator", "k3", "--algo.kl.init_coef", "0.01"],
+    }
+    return table[method]
+
+
+METHODS = ("ppo", "grpo", "sapo")
+
+
+def prompts_per_step(method: str, preset: Preset) -> int:
+    return preset.samples_per_step // (preset.grpo_group if method == "grpo" else 1)
+
+
+def train_command(method: str, seed: int, preset: Preset, model: str, data_dir: str, run_dir: str,
+                  is_vlm: bool) -> List[str]:
+    prompts = prompts_per_step(method, preset)
+    train_batch = max(1, preset.samples_per_step // preset.updates_per_step)
+    cmd = [
+        sys.executable, "-m", "openrlhf_sapo.cli.train_local",
+        "--actor.model_name_or_path", model,
+        "--reward.remote_url", REWARD_FILE,
+        "--data.prompt_dataset", os.path.join(data_dir, "train.jsonl"),
+        "--data.input_key", "prompt", "--data.label_key", "label", "--data.apply_chat_template",
+        "--data.max_samples", str(prompts * preset.steps),
+        "--eval.dataset", os.path.join(data_dir, "heldout.jsonl"),
+        "--eval.steps", str(preset.eval_every), "--eval.temperature", "0", "--eval.n_samples_per_prompt", "1",
+        "--local.eval_at_start", "--ckpt.best_metric_key", "none",
+        "--rollout.batch_size", str(prompts), "--rollout.micro_batch_size", str(preset.samples_per_step),
+        "--rollout.max_new_tokens", str(preset.max_new_tokens), "--rollout.temperature", "1.0",
+        "--data.max_len", str(preset.max_new_tokens + 96),
+        "--train.batch_size", str(train_batch), "--train.micro_batch_size", str(train_batch),
+        "--train.max_epochs", "1", "--train.num_episodes", "1", "--train.seed", str(seed),
+        "--actor.adam.lr", str(ACTOR_LR), "--actor.lr_warmup_ratio", "0", "--actor.eps_clip_low_high", "0.2", "0.28",
+        "--ds.zero_stage", "2", "--ds.param_dtype", "bf16", "--ds.attn_implementation", "sdpa",
+        "--ckpt.path", os.path.join(run_dir, "ckpt"), "--ckpt.output_dir", os.path.join(run_dir, "model"),
+        "--logger.tensorboard_dir", os.path.join(run_dir, "tensorboard"),
+        "--local.metrics_jsonl", os.path.join(run_dir, "metrics.jsonl"),
+        *method_flags(method, model, preset),
+    ]
+    if is_vlm:
+        cmd += ["--data.image_key", "images"]
+    return cmd
+
+
+# --------------------------------------------------------------------------------------------------
+# Set-up: tiny model, warm start, data
+
+
+def prepare(task_name: str, preset: Preset, out: str, progress: bool = True) -> dict:
+    from openrlhf_sapo.demo.data import write_split
+    from openrlhf_sapo.demo.tiny_models import build_tiny_qwen2, build_tiny_qwen2_5_vl
+    from openrlhf_sapo.demo.warm_start import warm_start
+
+    task = get_task(task_name)
+    is_vlm = task_name == "digits"
+    warm_dir = os.path.join(out, "warm_start")
+    stamp = {"task": task_name, "warm_steps": preset.warm_steps, "warm_batch": preset.warm_batch, "model": preset.model}
+    stamp_path = os.path.join(warm_dir, "demo_warm_start.json")
+    if os.path.exists(stamp_path) and json.load(open(stamp_path)).get("config") == stamp:
+        metrics = json.load(open(stamp_path))["metrics"]
+    else:
+        base = os.path.join(out, "base_model")
+        build = build_tiny_qwen2_5_vl if is_vlm else build_tiny_qwen2
+        build(base, **({"heads": 2} if not is_vlm else {}), **preset.model)
+        metrics = warm_start(base, task, warm_dir, steps=preset.warm_steps, batch_size=preset.warm_batch,
+                             progress=progress, eval_n=preset.eval_n)
+        metrics = {k: v for k, v in metrics.items() if k not in ("losses", "eval_responses")}
+        with open(stamp_path, "w") as f:
+            json.dump({"config": stamp, "metrics": metrics}, f, indent=1)
+    data_dir = os.path.join(out, "data")
+    n_train = max(prompts_per_step(m, preset) for m in METHODS) * preset.steps
+    write_split(task, data_dir, "train", max(n_train, 64), seed=0)
+    write_split(task, data_dir, "heldout", preset.eval_n, seed=0)
+    return {"model": warm_dir, "data_dir": data_dir, "is_vlm": is_vlm, "warm_start": metrics}
+
+
+# --------------------------------------------------------------------------------------------------
+# Runs
+
+
+def _train_rows(path: str) -> int:
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        return sum('"kind": "train"' in line for line in f)
+
+
+def run_one(cmd: List[str], run_dir: str, bar=None, total_steps: int = 0) -> dict:
+    """Run one training subprocess; its output goes to <run_dir>/train.log. Returns its status."""
+    os.makedirs(run_dir, exist_ok=True)
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    if os.path.exists(metrics):
+        os.remove(metrics)  # a rerun starts its curve afresh
+    with open(os.path.join(run_dir, "command.sh"), "w") as f:
+        f.write("#!/usr/bin/env bash\n" + " \\\n  ".join(shlex.quote(c) for c in cmd) + "\n")
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    t0, done = time.time(), 0
+    with open(os.path.join(run_dir, "train.log"), "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        while proc.poll() is None:
+            time.sleep(1.0)
+            now = _train_rows(metrics)
+            if bar is not None and now > done:
+                bar.update(now - done)
+                done = now
+    if bar is not None and total_steps > done:
+        bar.update(total_steps - done)
+    seconds = time.time() - t0
+    status = {"returncode": proc.returncode, "seconds": round(seconds, 1), "log": os.path.join(run_dir, "train.log")}
+    if proc.returncode != 0:
+        with open(status["log"]) as f:
+            tail = f.read()[-3000:]
+        raise RuntimeError(f"training run failed (exit {proc.returncode}); see {status['log']}:\n{tail}")
+    return status
+
+
+def main(argv: Optional[List[str]] = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m openrlhf_sapo.demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    parser.add_argument("--task", default="digits", choices=sorted(TASKS), help="digits (VLM, default) or arithmetic")
+    parser.add_argument("--quick", action="store_true", help="a few steps, one seed (for tests)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the preset's seeds")
+    parser.add_argument("--steps", type=int, default=None, help="override the preset's RL steps per run")
+    parser.add_argument("--no-report", action="store_true", help="train only")
+    args = parser.parse_args(argv)
+
+    from tqdm.auto import tqdm
+
+    preset = PRESETS["quick" if args.quick else "full"]
+    if args.seeds:
+        preset = replace(preset, seeds=tuple(args.seeds))
+    if args.steps:
+        preset = replace(preset, steps=args.steps)
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
+    t0 = time.time()
+    prepared = prepare(args.task, preset, out)
+    setup_seconds = time.time() - t0
+
+    runs = [(m, s) for s in preset.seeds for m in args.methods]  # interleaved: every method gets seed 1 first
+    statuses = {}
+    bar = tqdm(total=len(runs) * preset.steps, desc="RL steps (all runs)", unit="step")
+    for method, seed in runs:
+        run_dir = os.path.join(out, "runs", f"{method}_seed{seed}")
+        bar.set_postfix(run=f"{method} seed {seed}")
+        cmd = train_command(method, seed, preset, prepared["model"], prepared["data_dir"], run_dir, prepared["is_vlm"])
+        statuses[f"{method}_seed{seed}"] = dict(run_one(cmd, run_dir, bar, preset.steps), method=method, seed=seed,
+                                                run_dir=run_dir)
+    bar.close()
+    summary = {"task": args.task, "preset": "quick" if args.quick else "full", "config": asdict(preset),
+               "setup_seconds": round(setup_seconds, 1), "total_seconds": round(time.time() - t0, 1),
+               "warm_start": prepared["warm_start"], "runs": statuses}
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    if not args.no_report:
+        from openrlhf_sapo.demo.report import write_report
+
+        path = write_report(out)
+        print(f"report: {path}")
+    return summary
