@@ -1,9 +1,10 @@
-# The two commands a newcomer needs: `make test` and `make bench` (each sets itself up).
+# What a newcomer runs: `make demo`, `make test` and `make bench` (each sets itself up).
+DEMO_ARGS ?=
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install test bench lock clean
+.PHONY: install test bench demo lock clean
 
 install:
 	@tools/install_cpu.sh
@@ -13,6 +14,10 @@ test: install
 
 bench: install
 	$(PY) -m openrlhf_sapo.bench
+
+# PPO, GRPO and SAPO on the digits VLM task, 3 seeds; writes runs/demo/report.md. DEMO_ARGS=--quick for a smoke run.
+demo: install
+	$(PY) -m openrlhf_sapo.demo $(DEMO_ARGS)
 
 lock:
 	tools/lock_cpu.sh

@@ -151,6 +151,24 @@ def build_rollout_engine(args, tokenizer, store):
                            max_batch_size=args.local.rollout_batch_limit)
 
 
+def _deepspeed_group_cache() -> dict:
+    """DeepSpeed's module-level process-group caches (None or {} before any engine exists)."""
+    from deepspeed.utils import groups
+
+    return {name: value for name, value in vars(groups).items()
+            if (name in ("mpu", "mesh_device") or (name.startswith("_") and name.lstrip("_").isupper()))
+            and (value is None or (isinstance(value, dict) and not value))}
+
+
+def _reset_deepspeed_groups(initial: dict) -> None:
+    """After destroy_process_group: forget the groups DeepSpeed cached, so that a later run in this
+    process (tests, notebooks) builds its engines on the new process group instead of dead ones."""
+    from deepspeed.utils import groups
+
+    for name, value in initial.items():
+        setattr(groups, name, None if value is None else {})
+
+
 def train(args) -> dict:
     """The Ray launcher's `train(args)`, in this process. Returns paths and counts of the run."""
     import torch
@@ -169,6 +187,7 @@ def train(args) -> dict:
     if dist.is_initialized():
         raise RuntimeError("torch.distributed is already initialised in this process; train_local owns it")
     environ = dict(os.environ)
+    group_cache = _deepspeed_group_cache()
     store = LocalObjectStore()
     port = _free_port()
     patched = cpu_compat.patch_distributed_for_cpu() if not _cuda(args) else False
@@ -229,6 +248,7 @@ def train(args) -> dict:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+        _reset_deepspeed_groups(group_cache)
         if patched:
             cpu_compat.restore_distributed()
         os.environ.clear()

@@ -38,8 +38,10 @@ class Preset:
     eval_every: int = 5
     eval_n: int = 64
     max_new_tokens: int = 40
-    warm_steps: int = 300
-    warm_batch: int = 16
+    # The tiny VLM learns to read the digits abruptly after ~600-800 steps of 32 (measured: 800
+    # steps -> 78% of readings and 59% of answers right on held-out images; 600 steps -> 0-17%).
+    warm_steps: int = 800
+    warm_batch: int = 32
     model: Dict = field(default_factory=dict)  # tiny model size overrides
 
 

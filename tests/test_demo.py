@@ -1,0 +1,94 @@
+"""`make demo` (python -m openrlhf_sapo.demo): the report from known metrics, and the whole quick
+demo end to end (tiny VLM, warm start, PPO / GRPO / SAPO through train_local, report, plots)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from openrlhf_sapo.demo import report as demo_report
+
+
+def fake_run(out, method, seed, accuracies, step_seconds, critic=True):
+    run_dir = os.path.join(out, "runs", f"{method}_seed{seed}")
+    os.makedirs(run_dir)
+    rows = []
+    for step, acc in enumerate(accuracies):
+        rows.append({"kind": "eval", "step": step * 2, "eval_digits_pass1": acc})
+        if step:
+            for s in (step * 2 - 1, step * 2):
+                row = {"kind": "train", "step": s, "rollout/reward_mean": acc, "rollout/response_length_mean": 20.0,
+                       "rollout/num_samples": 8.0, "policy_entropy": 0.5, "timing/step_total": step_seconds}
+                if critic:
+                    row["critic_loss"] = 0.1 / s
+                if method == "sapo":
+                    row.update({"sapo/segments_per_response": 6.0, "sapo/segment_length_mean": 3.0})
+                rows.append(row)
+    rows.sort(key=lambda r: (r["step"], r["kind"] == "eval"))
+    with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
+        f.write("\n".join(json.dumps(r) for r in rows) + "\n")
+    with open(os.path.join(run_dir, "command.sh"), "w") as f:
+        f.write(f"#!/usr/bin/env bash\npython -m openrlhf_sapo.cli.train_local --train.seed {seed}\n")
+    return {"method": method, "seed": seed, "run_dir": run_dir, "seconds": 10.0, "returncode": 0}
+
+
+def test_report_tables_findings_and_plots(tmp_path):
+    out = str(tmp_path)
+    runs = {}
+    curves = {"ppo": ([0.2, 0.25, 0.30], [0.2, 0.27, 0.32]), "grpo": ([0.2, 0.3, 0.4], [0.2, 0.32, 0.42]),
+              "sapo": ([0.2, 0.4, 0.5], [0.2, 0.41, 0.52])}
+    for method, per_seed in curves.items():
+        for seed, acc in enumerate(per_seed, 1):
+            runs[f"{method}_seed{seed}"] = fake_run(out, method, seed, acc, {"ppo": 2.0, "grpo": 1.5, "sapo": 2.1}[method],
+                                                    critic=method != "grpo")
+    summary = {"task": "digits", "preset": "full", "setup_seconds": 30, "total_seconds": 600, "runs": runs,
+               "warm_start": {"eval_accuracy": 0.2, "eval_boxed_rate": 1.0},
+               "config": {"steps": 4, "samples_per_step": 8, "grpo_group": 4, "updates_per_step": 2, "eval_n": 8,
+                          "eval_every": 2, "warm_steps": 10, "seeds": [1, 2]}}
+    with open(tmp_path / "summary.json", "w") as f:
+        json.dump(summary, f)
+
+    text = open(demo_report.write_report(out)).read()
+    assert "| SAPO | 2 | 20.0 ± 0.0 | 51.0 ± 1.4 | 51.0 ± 1.4 |" in text
+    assert "| PPO | 2 | 20.0 ± 0.0 | 31.0 ± 1.4 |" in text
+    assert "Highest final held-out accuracy: SAPO (51.0%)." in text
+    assert "SAPO ends 20.0 points above PPO (larger than twice the seed spread)." in text
+    assert "SAPO ends 10.0 points above GRPO (larger than twice the seed spread)." in text
+    assert "1.05x PPO's" in text  # 2.1 s vs 2.0 s per step
+    for name in ("accuracy", "reward", "value_loss", "response_length", "entropy", "segments"):
+        path = tmp_path / "plots" / f"{name}.png"
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        assert f"plots/{name}.png" in text
+    assert text.count("python -m openrlhf_sapo.cli.train_local --train.seed") == 6
+
+    # A gap inside the seed spread is reported as no clear difference, and a loss as a loss.
+    table = demo_report.summarize(demo_report.load_runs(out))
+    table["sapo"]["final"] = table["ppo"]["final"] - 0.005
+    lines = demo_report.findings(table)
+    assert any(line.startswith("SAPO ends 0.5 points below PPO (within twice the seed spread") for line in lines)
+
+
+@pytest.mark.slow
+def test_quick_demo_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "openrlhf_sapo.demo", "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = (out / "report.md").read_text()
+    for label in ("PPO", "GRPO", "SAPO"):
+        assert f"| {label} | 1 |" in text
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["runs"]) == {"ppo_seed1", "grpo_seed1", "sapo_seed1"}
+    for name, status in summary["runs"].items():
+        run = out / "runs" / name
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2]
+        assert [r["step"] for r in rows if r["kind"] == "eval"] == [0, 2]
+        assert (run / "command.sh").read_text().count("openrlhf_sapo.cli.train_local") == 1
+        assert os.listdir(run / "tensorboard")
+    assert (out / "plots" / "segments.png").exists()
+    assert (out / "warm_start" / "config.json").exists()
