@@ -92,3 +92,28 @@ def test_quick_demo_end_to_end(tmp_path):
         assert os.listdir(run / "tensorboard")
     assert (out / "plots" / "segments.png").exists()
     assert (out / "warm_start" / "config.json").exists()
+
+
+def test_analysis_labels_each_token_and_locates_the_first_error():
+    from openrlhf_sapo.demo.analysis import first_error, token_roles
+    from openrlhf_sapo.demo.tasks import get_task
+
+    text = "3,5,2\n3*5=15\n15+2=17\n\\boxed{17}"
+    roles = token_roles(list(text) + ["<|im_end|>"])
+    assert roles[:6] == ["reading digit", "reading comma", "reading digit", "reading comma", "reading digit", "newline"]
+    assert roles[6:12] == ["operand", "operator", "operand", "equals", "result digit", "result digit"]
+    assert roles[-5:] == ["boxed markup", "answer digit", "answer digit", "boxed markup", "end"]
+    assert roles.count("boxed markup") == len("\\boxed{}")
+
+    task = get_task("digits")
+    example = next(e for e in task.sample(20, "heldout", 0) if len(e.meta["numbers"]) == 3 and e.meta["ops"] == ["+", "+"])
+    a, b, c = example.meta["numbers"]
+    assert first_error(example.solution, example) == "none"
+    misread = example.solution.replace(f"{a},{b},{c}", f"{(a + 1) % 10},{b},{c}", 1)
+    assert first_error(misread, example) == "misread"
+    lines = example.solution.split("\n")
+    slip = "\n".join([lines[0], f"{a}+{b}={a + b + 1}", *lines[2:]])
+    assert first_error(slip, example) == "arithmetic"
+    wrong_box = "\n".join([*lines[:-1], f"\\boxed{{{int(example.label) + 1}}}"])
+    assert first_error(wrong_box, example) == "inconsistent"
+    assert first_error("no answer", example) == "format"

@@ -233,6 +233,15 @@ def write_report(out: str) -> str:
             f"{_mean_spread(t['best'])} | {_mean_spread(t['last_reward'])} | {t['train_tokens']:.0f} | {t['step_seconds']:.2f} |"
         )
     lines += ["", "## What this run found", ""] + [f"- {line}" for line in findings(table)]
+    if summary.get("analysis"):
+        from openrlhf_sapo.demo.analysis import markdown
+
+        lines += ["", "## Where SAPO cuts, and where the errors are", "",
+                  "Lift = share of segment ends / share of tokens for each token role (> 1: the entropy "
+                  "segmenter cuts there more than at random). Step-wise credit helps when the errors sit in "
+                  "identifiable steps and the cuts fall at the tokens that decide them.", ""]
+        for title, result in summary["analysis"].items():
+            lines += markdown(result, title) + [""]
     lines += ["", "## Plots", ""]
     captions = {
         "accuracy": "Held-out accuracy vs step",
