@@ -74,6 +74,8 @@ UPSTREAM_SYMBOLS = (
     ("openrlhf.trainer.ray.vllm_engine", "_load_agent_executor", "local backend: --train.agent_func_path"),
     ("openrlhf.utils.agent", "SingleTurnAgentExecutor", "local backend: tokenisation, VLM inputs, reward_func"),
     ("openrlhf.utils", "get_strategy", "local backend: one DeepspeedStrategy per worker, as in Ray"),
+    ("openrlhf.utils.utils", "get_tokenizer", "local backend: the trainer's tokenizer / VLM processor"),
+    ("openrlhf.utils.utils", "is_vlm_model", "local backend: which HF class the rollout engine loads"),
 )
 
 # Upstream modules that call the `ray` module at run time and that the single-process backend

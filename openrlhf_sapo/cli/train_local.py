@@ -133,9 +133,7 @@ def build_rollout_engine(args, tokenizer, store):
     dtype = args.local.rollout_dtype
     dtype = ("fp32" if not cuda else args.ds.param_dtype) if dtype == "auto" else dtype
     processor = tokenizer if hasattr(tokenizer, "image_processor") else None
-    from openrlhf.utils.utils import is_vlm_model  # noqa: PLC0415 (upstream's VLM detection)
-
-    if is_vlm_model(path):
+    if seam.upstream("openrlhf.utils.utils", "is_vlm_model")(path):
         from transformers import AutoModelForImageTextToText as auto_cls
     else:
         from transformers import AutoModelForCausalLM as auto_cls
@@ -214,8 +212,7 @@ def train(args) -> dict:
 
             # Upstream's order: the trainer (tokenizer, datasets, max_steps) before the models.
             strategy = get_strategy(copy.deepcopy(args))
-            from openrlhf.utils.utils import get_tokenizer
-
+            get_tokenizer = seam.upstream("openrlhf.utils.utils", "get_tokenizer")
             tokenizer = get_tokenizer(args.actor.model_name_or_path, None, "left", strategy,
                                       use_fast=not args.data.disable_fast_tokenizer)
             engine = build_rollout_engine(args, tokenizer, store)
