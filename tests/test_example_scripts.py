@@ -63,8 +63,11 @@ TEXT_MODELS = {  # (MODEL, DATASET) -> default actor
     ("deepseekmath", "math"): "realtreetune/deepseekmath-7b-sft-MATH-v2",
 }
 
+# Sourced by the scripts, not run (no shebang, no -h of their own); shellcheck still checks them.
+LIBRARIES = ("common.sh", "geo3k/recipe.sh", "text/recipe.sh")
+
 EXPECTED_SCRIPTS = sorted([
-    "common.sh",
+    *LIBRARIES,
     *(f"geo3k/{m}.sh" for m in GEO3K_METHODS),
     "geo3k/ablations/naive_is.sh", "geo3k/ablations/segmenter.sh", "geo3k/ablations/topk_sweep.sh",
     *(f"text/{m}.sh" for m in TEXT_METHODS),
@@ -193,7 +196,7 @@ def check_colocated(config, gpus):
 
 
 FOUND_SCRIPTS = script_files()
-RUNNABLE = [s for s in FOUND_SCRIPTS if s != "common.sh"]  # scripts added later are checked too
+RUNNABLE = [s for s in FOUND_SCRIPTS if s not in LIBRARIES]  # scripts added later are checked too
 
 
 def shellcheck_binary():
@@ -250,10 +253,18 @@ def test_shellcheck_catches_a_real_problem(tmp_path):
 # ---------------------------------------------------------------- usage
 
 
+# A script that calls one of these reads the environment variables of that recipe too.
+RECIPE_DEFAULTS = {"geo3k_defaults": "geo3k/recipe.sh", "text_defaults": "text/recipe.sh"}
+
+
 def env_vars_read(script):
     """Variables a script reads from the environment: `${NAME:-default}` / `${NAME:+...}`."""
     with open(os.path.join(SCRIPTS, script), encoding="utf-8") as f:
-        names = set(re.findall(r"\$\{([A-Z][A-Z0-9_]*):[-+]", f.read()))
+        text = f.read()
+    names = set(re.findall(r"\$\{([A-Z][A-Z0-9_]*):[-+]", text))
+    for function, recipe in RECIPE_DEFAULTS.items():
+        if recipe != script and re.search(rf"^\s*{function}\b", text, re.M):
+            names |= env_vars_read(recipe)
     return names - {"USAGE", "PYTHONPATH"} - {n for n in names if n.startswith("SLURM_")}
 
 

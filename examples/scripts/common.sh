@@ -7,6 +7,9 @@
 #   sapo_output_args "$RUN_NAME"         # fills OUTPUT_ARGS (checkpoints, tensorboard, wandb)
 #   sapo_launch "${ARGS[@]}" "$@"        # python3 -m openrlhf_sapo.cli.train_ppo_ray ... (+ --dry-run)
 #   sapo_submit_ray_job "${ARGS[@]}" "$@"  # the same through `ray job submit` (or a local --dry-run)
+#   sapo_run_or_print CMD...             # run CMD with `set -x`, or with DRY_RUN=1 only print it
+#   sapo_ray_start BLOCK ARGS...         # ray start ARGS (+ --block when BLOCK is 1), or print it
+# The Table 7 flag blocks the training scripts share are in geo3k/recipe.sh (and text/recipe.sh).
 # Extra command-line arguments ("$@") are appended after the script's flags: argparse keeps the
 # last value of a flag, so they override the script (e.g. `sapo.sh --train.num_episodes 1`).
 
@@ -180,6 +183,27 @@ sapo_run() {
     "$@"
     { local rc=$?; set +x; } 2>/dev/null
     return "${rc}"
+}
+
+# Run a command (sapo_run), or with DRY_RUN=1 only print it as one shell-quoted line.
+sapo_run_or_print() {
+    if [[ "${DRY_RUN}" == 1 ]]; then
+        sapo_quoted "$@"
+    else
+        sapo_run "$@"
+    fi
+}
+
+# sapo_ray_start BLOCK ARGS...: `ray start ARGS...`, plus --block (stay in the foreground, as
+# under srun) when BLOCK is 1; with DRY_RUN=1 only printed.
+sapo_ray_start() {
+    local block="$1"
+    shift
+    local cmd=(ray start "$@")
+    if [[ "${block}" == 1 ]]; then
+        cmd+=(--block)
+    fi
+    sapo_run_or_print "${cmd[@]}"
 }
 
 # The training command (an array) for the arguments: python3 -m openrlhf_sapo.cli.train_ppo_ray ...

@@ -33,10 +33,5 @@ for name in "${SETS[@]}"; do
 done
 
 for name in "${SETS[@]}"; do
-    CMD=("${PYTHON}" -m "openrlhf_sapo.data.${name}" --output-dir "${DATA_DIR}/${name}" "$@")
-    if [[ "${DRY_RUN}" == 1 ]]; then
-        sapo_quoted "${CMD[@]}"
-    else
-        sapo_run "${CMD[@]}"
-    fi
+    sapo_run_or_print "${PYTHON}" -m "openrlhf_sapo.data.${name}" --output-dir "${DATA_DIR}/${name}" "$@"
 done

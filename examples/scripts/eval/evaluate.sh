@@ -64,8 +64,4 @@ if [[ -n "${COMPARE_PAPER:-}" ]]; then
 fi
 EVAL_CMD+=("$@")
 
-if [[ "${DRY_RUN}" == 1 ]]; then
-    sapo_quoted "${EVAL_CMD[@]}"
-    exit 0
-fi
-sapo_run "${EVAL_CMD[@]}"
+sapo_run_or_print "${EVAL_CMD[@]}"

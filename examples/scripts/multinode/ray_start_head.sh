@@ -28,23 +28,16 @@ HEAD_IP="${HEAD_IP:-$(hostname -I 2>/dev/null | awk '{print $1}')}"
 RAY_PORT="${RAY_PORT:-6379}"
 DASHBOARD_PORT="${DASHBOARD_PORT:-8265}"
 
-RAY_CMD=(
-    ray start --head
+RAY_ARGS=(
+    --head
     --node-ip-address="${HEAD_IP}"
     --port="${RAY_PORT}"
     --num-gpus="${GPUS_PER_NODE}"
     --dashboard-host=0.0.0.0
     --dashboard-port="${DASHBOARD_PORT}"
 )
-if [[ "${RAY_BLOCK:-0}" == 1 ]]; then
-    RAY_CMD+=(--block)
+sapo_ray_start "${RAY_BLOCK:-0}" "${RAY_ARGS[@]}" "$@"
+if [[ "${DRY_RUN}" != 1 ]]; then
+    echo "Ray head started: workers join with HEAD_IP=${HEAD_IP} RAY_PORT=${RAY_PORT} ray_start_worker.sh;" \
+        "submit with RAY_ADDRESS=http://${HEAD_IP}:${DASHBOARD_PORT}"
 fi
-RAY_CMD+=("$@")
-
-if [[ "${DRY_RUN}" == 1 ]]; then
-    sapo_quoted "${RAY_CMD[@]}"
-    exit 0
-fi
-sapo_run "${RAY_CMD[@]}"
-echo "Ray head started: workers join with HEAD_IP=${HEAD_IP} RAY_PORT=${RAY_PORT} ray_start_worker.sh;" \
-    "submit with RAY_ADDRESS=http://${HEAD_IP}:${DASHBOARD_PORT}"

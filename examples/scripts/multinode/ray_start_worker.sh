@@ -24,18 +24,8 @@ sapo_help "$@"
 [[ -n "${HEAD_IP:-}" ]] || sapo_die "set HEAD_IP to the head node's address (see -h)"
 RAY_PORT="${RAY_PORT:-6379}"
 
-RAY_CMD=(
-    ray start
+RAY_ARGS=(
     --address="${HEAD_IP}:${RAY_PORT}"
     --num-gpus="${GPUS_PER_NODE}"
 )
-if [[ "${RAY_BLOCK:-0}" == 1 ]]; then
-    RAY_CMD+=(--block)
-fi
-RAY_CMD+=("$@")
-
-if [[ "${DRY_RUN}" == 1 ]]; then
-    sapo_quoted "${RAY_CMD[@]}"
-    exit 0
-fi
-sapo_run "${RAY_CMD[@]}"
+sapo_ray_start "${RAY_BLOCK:-0}" "${RAY_ARGS[@]}" "$@"

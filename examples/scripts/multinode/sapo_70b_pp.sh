@@ -10,8 +10,10 @@
 #   DRY_RUN=1 bash examples/scripts/multinode/sapo_70b_pp.sh      # --dry-run here, no submission
 #   SAPO_LAUNCHER=local bash examples/scripts/multinode/sapo_70b_pp.sh   # run from the head node
 #
-# The algorithm values are Table 7's SAPO column (SAPO_SPEC.md §6, as in geo3k/sapo.sh); the spec
-# has no 70B recipe. DATA_DIR, SAVE_ROOT and LOG_ROOT must be on storage every node shares.
+# The spec has no 70B recipe: this is text/sapo.sh's (Table 7's values reused on text data,
+# shared blocks in text/recipe.sh, Table 7's SAPO column below) with a 72B chat model and its
+# prompts through the chat template. DATA_DIR, SAVE_ROOT and LOG_ROOT must be on storage every
+# node shares.
 set -euo pipefail
 
 USAGE="Usage: [VAR=value ...] $(basename "$0") [extra train_ppo_ray flags]
@@ -47,6 +49,8 @@ if [[ "${SAPO_LAUNCHER}" == ray-job ]]; then
 fi
 # shellcheck source=examples/scripts/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/../common.sh"
+# shellcheck source=examples/scripts/text/recipe.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../text/recipe.sh"
 sapo_help "$@"
 
 MODEL_PATH="${MODEL_PATH:-Qwen/Qwen2.5-72B-Instruct}"
@@ -55,61 +59,18 @@ DATASET="${DATASET:-math}"
 sapo_choice DATASET "${DATASET}" gsm8k math
 TRAIN_DATA="${TRAIN_DATA:-${DATA_DIR}/${DATASET}/train.jsonl}"
 EVAL_DATA="${EVAL_DATA:-${DATA_DIR}/${DATASET}/test.jsonl}"
+CHAT_TEMPLATE=1  # an Instruct model: prompts through its chat template
 NUM_EPISODES="${NUM_EPISODES:-15}"
 LR_SCHEDULER="${LR_SCHEDULER:-constant}"
 RUN_NAME="${RUN_NAME:-${DATASET}-sapo-qwen2.5-72b}"
 
-sapo_cluster_args critic
-sapo_output_args "${RUN_NAME}"
+text_recipe critic  # Table 7's shared blocks on text data (text/recipe.sh), with the critic
+MODEL_ARGS+=(--ds.adam_offload)  # 72B: the Adam states live in CPU memory
 
-MODEL_ARGS=(
-    --actor.model_name_or_path "${MODEL_PATH}"
-    --critic.model_name_or_path "${CRITIC_PATH}"
-    --reward.remote_url "${REWARD_FUNC}"
-    --ds.zero_stage 3
-    --ds.param_dtype bf16
-    --ds.adam_offload
-    --actor.gradient_checkpointing_enable
-)
-
-DATA_ARGS=(
-    --data.prompt_dataset "${TRAIN_DATA}"
-    --data.input_key prompt
-    --data.label_key label
-    --data.apply_chat_template
-    --data.max_samples 7168
-    --eval.dataset "${EVAL_DATA}"
-    --eval.steps "${EVAL_STEPS}"
-    --eval.temperature 0.6
-    --eval.n_samples_per_prompt 1
-)
-
-ROLLOUT_ARGS=(
-    --rollout.batch_size 512
-    --rollout.n_samples_per_prompt 1
-    --rollout.micro_batch_size "${MICRO_ROLLOUT_BATCH}"
-    --rollout.max_new_tokens 2048
-    --data.max_len 3072
-    --rollout.temperature 1.0
-    --rollout.top_p 1.0
-)
-
-TRAIN_ARGS=(
-    --train.num_episodes "${NUM_EPISODES}"
-    --train.batch_size 128
-    --train.micro_batch_size "${MICRO_TRAIN_BATCH}"
-    --train.max_epochs 1
-    --train.seed "${SEED}"
-    --actor.adam.lr 1e-6
-    --critic.adam.lr 2e-6
-    --actor.lr_scheduler "${LR_SCHEDULER}"
-    --critic.lr_scheduler "${LR_SCHEDULER}"
-    --actor.eps_clip_low_high 0.2 0.28
-    --actor.dual_clip 3.0
-    --critic.value_clip 0.5
-)
-
+# Table 7's SAPO column (as in geo3k/sapo.sh and text/sapo.sh).
 ALGO_ARGS=(
+    --rollout.n_samples_per_prompt 1
+    --train.batch_size 128
     --algo.advantage.estimator sapo
     --algo.advantage.gamma 1.0
     --algo.advantage.lambd 0.99
@@ -122,5 +83,6 @@ ALGO_ARGS=(
     --algo.sapo.adv_clip 5
 )
 
-sapo_launch "${CLUSTER_ARGS[@]}" "${MODEL_ARGS[@]}" "${DATA_ARGS[@]}" "${ROLLOUT_ARGS[@]}" \
-    "${TRAIN_ARGS[@]}" "${ALGO_ARGS[@]}" "${OUTPUT_ARGS[@]}" "$@"
+sapo_launch "${CLUSTER_ARGS[@]}" "${MODEL_ARGS[@]}" "${CRITIC_ARGS[@]}" "${DATA_ARGS[@]}" \
+    "${EVAL_ARGS[@]}" "${ROLLOUT_ARGS[@]}" "${TRAIN_ARGS[@]}" "${CLIP_ARGS[@]}" \
+    "${ALGO_ARGS[@]}" "${OUTPUT_ARGS[@]}" "$@"
