@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import re
 import socket
 import sys
 from typing import Optional, Sequence
@@ -149,22 +150,20 @@ def build_rollout_engine(args, tokenizer, store):
                            max_batch_size=args.local.rollout_batch_limit)
 
 
-def _deepspeed_group_cache() -> dict:
-    """DeepSpeed's module-level process-group caches (None or {} before any engine exists)."""
+# DeepSpeed's module-level process-group caches (deepspeed.utils.groups): None or {} until an engine
+# is built, then pointing at groups of the process group of that time.
+_DEEPSPEED_GROUP_CACHE = re.compile(r"^_[A-Z_]*(GROUP|GROUP_RANKS|WORLD_SIZE|RANK)$|^mpu$|^mesh_device$")
+
+
+def _reset_deepspeed_groups() -> None:
+    """Forget the groups DeepSpeed cached. Called with no process group alive (before and after a
+    run), so that engines are built on this run's process group, not on a destroyed one (another
+    run, or another DeepSpeed user, earlier in this process: tests, notebooks, the demo)."""
     from deepspeed.utils import groups
 
-    return {name: value for name, value in vars(groups).items()
-            if (name in ("mpu", "mesh_device") or (name.startswith("_") and name.lstrip("_").isupper()))
-            and (value is None or (isinstance(value, dict) and not value))}
-
-
-def _reset_deepspeed_groups(initial: dict) -> None:
-    """After destroy_process_group: forget the groups DeepSpeed cached, so that a later run in this
-    process (tests, notebooks) builds its engines on the new process group instead of dead ones."""
-    from deepspeed.utils import groups
-
-    for name, value in initial.items():
-        setattr(groups, name, None if value is None else {})
+    for name, value in list(vars(groups).items()):
+        if _DEEPSPEED_GROUP_CACHE.match(name):
+            setattr(groups, name, {} if isinstance(value, dict) else None)
 
 
 def train(args) -> dict:
@@ -185,7 +184,7 @@ def train(args) -> dict:
     if dist.is_initialized():
         raise RuntimeError("torch.distributed is already initialised in this process; train_local owns it")
     environ = dict(os.environ)
-    group_cache = _deepspeed_group_cache()
+    _reset_deepspeed_groups()
     store = LocalObjectStore()
     port = _free_port()
     patched = cpu_compat.patch_distributed_for_cpu() if not _cuda(args) else False
@@ -245,7 +244,7 @@ def train(args) -> dict:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-        _reset_deepspeed_groups(group_cache)
+        _reset_deepspeed_groups()
         if patched:
             cpu_compat.restore_distributed()
         os.environ.clear()
