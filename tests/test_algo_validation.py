@@ -183,3 +183,23 @@ def test_zero_width_batch():
     ends = entropy_segment_ends(torch.zeros(3, 0), mask)
     adv, ret = segment_gae(torch.zeros(3, 0), torch.zeros(3, 0), mask, ends)
     assert adv.shape == (3, 0) and sapo_policy_loss(adv, adv, adv, mask, ends).item() == 0
+
+
+def test_explained_variance():
+    from openrlhf_sapo.algo import explained_variance
+
+    gen = torch.Generator().manual_seed(0)
+    returns = torch.randn(3, 7, generator=gen)
+    mask = torch.rand(3, 7, generator=gen) > 0.3
+    values = returns + 0.5 * torch.randn(3, 7, generator=gen)
+    values_with_garbage = values.masked_fill(~mask, 1e6)  # padding never counts
+    r, v = returns[mask].double(), values[mask].double()
+    expected = 1 - (r - v).var() / r.var()
+    torch.testing.assert_close(explained_variance(values_with_garbage, returns, mask), expected.float())
+    assert float(explained_variance(returns, returns, mask)) == 1.0
+    mean = torch.full_like(returns, float(returns[mask].mean()))
+    assert abs(float(explained_variance(mean, returns, mask))) < 1e-6
+    one = torch.zeros_like(mask)
+    one[0, 0] = True
+    assert float(explained_variance(values, returns, one)) == 0.0  # fewer than two positions
+    assert float(explained_variance(values, torch.ones_like(returns), mask)) == 0.0  # constant targets

@@ -6,7 +6,7 @@ Read top to bottom, one training step uses:
   3. masked_whiten    -> whitened, clamped advantages        (advantages.py)
   4. sapo_policy_loss -> segment-ratio clipped surrogate     (losses.py)
   5. sapo_value_loss  -> critic loss at segment boundaries   (losses.py)
-  plus segment_statistics for logging                        (stats.py)
+  plus segment_statistics and explained_variance for logging (stats.py)
 All inputs are [B, T] over response tokens with an action_mask; any float dtype goes in,
 the arithmetic runs in float32 (float64 for the GAE scan) and outputs are float32.
 """
@@ -38,7 +38,7 @@ from .segmenters import (
     token_text_table,
 )
 from .segments import last_valid_token, segment_ids, segment_starts
-from .stats import segment_statistics
+from .stats import explained_variance, segment_statistics
 
 __all__ = [
     "LOG_RATIOS",
@@ -66,6 +66,7 @@ __all__ = [
     "segment_mean",
     "segment_starts",
     "segment_statistics",
+    "explained_variance",
     "sequence_log_ratio",
     "step_segment_ends",
     "token_log_ratio",

@@ -38,3 +38,22 @@ def segment_statistics(
         threshold = entropy.masked_fill(~chosen, float("inf")).min(dim=1).values
         stats["boundary_entropy_threshold"] = torch.where(chosen.any(dim=1), threshold, torch.zeros_like(threshold))
     return stats
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """1 - Var(returns - values) / Var(returns) over the masked positions (a 0-dim float tensor).
+
+    The critic's fit to its regression targets: 1 is perfect, 0 is no better than predicting the
+    mean return, negative is worse. 0 when fewer than two positions or the returns are constant
+    (nothing to explain), so it is never NaN."""
+    mask = check_mask(mask)
+    values = check_float(values, "values", mask).double()
+    returns = check_float(returns, "returns", mask).double()
+    count = mask.sum()
+    if count < 2:
+        return values.new_zeros((), dtype=torch.float32)
+    target = returns[mask]
+    target_var = target.var()
+    if target_var <= 0:
+        return values.new_zeros((), dtype=torch.float32)
+    return (1 - (target - values[mask]).var() / target_var).float()

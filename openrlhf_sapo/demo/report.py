@@ -20,9 +20,11 @@ METHOD_ORDER = ("ppo", "grpo", "sapo")
 COLORS = {"ppo": "tab:blue", "grpo": "tab:orange", "sapo": "tab:green"}
 LABELS = {"ppo": "PPO", "grpo": "GRPO", "sapo": "SAPO"}
 
+CRITIC_CURVES = ("value_loss", "explained_variance")
 TRAIN_CURVES = {  # plot name -> (metric key, y label)
     "reward": ("rollout/reward_mean", "training reward (mean per step)"),
     "value_loss": ("critic_loss", "critic (value) loss"),
+    "explained_variance": ("critic/explained_variance", "critic explained variance of its targets"),
     "response_length": ("rollout/response_length_mean", "response length (tokens)"),
     "entropy": ("policy_entropy", "policy entropy on its samples (nats/token)"),
 }
@@ -189,7 +191,7 @@ def plot_all(runs, table, plot_dir: str) -> Dict[str, str]:
     save(fig, "accuracy")
 
     for name, (key, ylabel) in TRAIN_CURVES.items():
-        methods = [m for m in table if name != "value_loss" or m in ("ppo", "sapo")]
+        methods = [m for m in table if name not in CRITIC_CURVES or m in ("ppo", "sapo")]
         fig, ax = plt.subplots(figsize=(6, 4))
         drawn = False
         for method in methods:
@@ -268,6 +270,8 @@ def write_report(out: str) -> str:
         "reward": "Training reward vs step",
         "value_loss": "Value loss: PPO averages over every response token, SAPO over segment ends only "
                       "(the high-entropy tokens, where values are hardest), so the levels are not comparable",
+        "explained_variance": "Critic explained variance (1 - Var(return - value) / Var(return)) on the positions "
+                              "each critic is trained on: PPO every token, SAPO the segment ends",
         "response_length": "Response length",
         "entropy": "Policy entropy",
         "segments": "SAPO segments per response and segment length",

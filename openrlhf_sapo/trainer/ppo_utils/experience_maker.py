@@ -19,7 +19,8 @@ from typing import Dict, List, Optional
 
 import torch
 
-from ...algo import get_segmenter, masked_whiten, segment_ends, segment_gae, segment_statistics
+from ...algo import explained_variance, get_segmenter, masked_whiten, segment_ends, segment_gae, segment_statistics
+from ...algo.segments import value_read_positions
 from ...algo.segmenters import newline_token_table, token_text_table
 from ...config import SAPO_DEFAULTS
 from ...seam import upstream
@@ -153,9 +154,28 @@ class SegmentExperienceMaker(RemoteExperienceMaker):
         with _estimator_as(self, "gae" if self.is_sapo else self.advantage_estimator):
             experiences = super().compute_advantages_and_returns(experiences)
         self._experience_by_mask = {}
+        self.log_explained_variance(experiences)
         if self.is_sapo:
             self.whiten(experiences, center_only=args.algo.advantage.no_std_norm)
         return experiences
+
+    def log_explained_variance(self, experiences) -> None:
+        """The critic's explained variance of its regression targets (spec 8), over the whole batch
+        and the positions it is trained on: every response token for gae, the tokens whose values
+        the segment GAE read (segment ends or starts) for sapo."""
+        if not experiences or any(e.values is None or e.returns is None for e in experiences):
+            return
+        masks = []
+        for e in experiences:
+            mask = e.action_mask.bool()
+            if self.is_sapo:
+                mask = value_read_positions(mask, e.segment_ends.bool() & mask, self.sapo["value_at"])
+            masks.append(mask.flatten())
+        ev = explained_variance(torch.cat([e.values.float().flatten() for e in experiences])[None],
+                                torch.cat([e.returns.float().flatten() for e in experiences])[None],
+                                torch.cat(masks)[None])
+        for e in experiences:
+            e.info["critic/explained_variance"] = ev.expand(e.action_mask.shape[0]).clone()
 
     def get_advantages_and_returns(self, values, rewards, action_mask, gamma, lambd):
         critic_lambd = getattr(self.args.algo.advantage, "critic_lambd", None)
