@@ -168,8 +168,8 @@ def _reset_deepspeed_groups() -> None:
 
 def train(args) -> dict:
     """The Ray launcher's `train(args)`, in this process. Returns paths and counts of the run."""
-    import torch
     import torch.distributed as dist
+    import transformers
 
     from openrlhf_sapo import seam
     from openrlhf_sapo.trainer.local.launcher import LocalActorGroup, LocalHandle, LocalObjectStore
@@ -210,6 +210,9 @@ def train(args) -> dict:
                 groups["reward"] = LocalActorGroup(reward[0], store)
 
             # Upstream's order: the trainer (tokenizer, datasets, max_steps) before the models.
+            # Seed first: the prompt loader draws its shuffling seed from torch's global generator
+            # when it is built (upstream's trainer actor never seeds it, so its order varies run to run).
+            transformers.set_seed(args.train.seed)
             strategy = get_strategy(copy.deepcopy(args))
             get_tokenizer = seam.upstream("openrlhf.utils.utils", "get_tokenizer")
             tokenizer = get_tokenizer(args.actor.model_name_or_path, None, "left", strategy,
