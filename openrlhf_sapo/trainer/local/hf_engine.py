@@ -25,6 +25,8 @@ from typing import Dict, List, Optional
 
 import torch
 
+from ...models.utils import vision_special_token_ids
+
 
 @dataclass
 class _Logprob:
@@ -72,7 +74,7 @@ class HFRolloutEngine:
         self.executor = executor
         self.device = torch.device(device) if device else next(model.parameters()).device
         self.max_batch_size = max_batch_size
-        self.suppress_ids = self._vision_token_ids() if processor is not None else []
+        self.suppress_ids = vision_special_token_ids(processor) if processor is not None else []
         self._queue: List[_Request] = []
         self._flusher: Optional[asyncio.Task] = None
         self.generated_tokens = 0
@@ -197,8 +199,3 @@ class HFRolloutEngine:
             raise ValueError("a rollout request has images but the engine has no processor (not a VLM?)")
         encoded = self.processor.image_processor(images=images, return_tensors="pt")
         return {key: value.to(self.device) for key, value in encoded.items()}
-
-    def _vision_token_ids(self) -> List[int]:
-        vocab = self.tokenizer.get_vocab()
-        names = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
-        return sorted({vocab[n] for n in names if n in vocab})

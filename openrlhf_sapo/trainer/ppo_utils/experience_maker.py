@@ -23,6 +23,7 @@ from ...algo import explained_variance, get_segmenter, masked_whiten, segment_en
 from ...algo.segments import value_read_positions
 from ...algo.segmenters import newline_token_table, token_text_table
 from ...config import SAPO_DEFAULTS
+from ...models.utils import vision_special_token_ids
 from ...seam import upstream
 from .experience import SegmentExperience
 
@@ -128,14 +129,9 @@ class SegmentExperienceMaker(RemoteExperienceMaker):
 
     def vision_token_ids(self) -> set:
         """Ids of the processor's vision tokens (empty for a text tokenizer)."""
-        processor = self.tokenizer
-        tokenizer = getattr(processor, "tokenizer", None)
-        if tokenizer is None:
+        if getattr(self.tokenizer, "tokenizer", None) is None:
             return set()
-        ids = {getattr(processor, a, None) for a in ("image_token_id", "video_token_id")}
-        vocab = tokenizer.get_vocab()
-        ids |= {vocab.get(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")}
-        return {int(i) for i in ids if i is not None}
+        return set(vision_special_token_ids(self.tokenizer))
 
     def tokenizer_pad_id(self) -> int:
         tokenizer = getattr(self.tokenizer, "tokenizer", self.tokenizer)
