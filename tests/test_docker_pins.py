@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 import sys
 import unittest.mock
 from pathlib import Path
@@ -395,8 +396,12 @@ def test_entrypoint_as_a_user_without_passwd_entry():
              'for d in "$HF_HOME" "$TRITON_CACHE_DIR" "$TORCH_EXTENSIONS_DIR" "$VLLM_CACHE_ROOT"; do '
              'test -d "$d" -a -w "$d" || exit 3; done')
     env = {"HOME": "/", "PATH": os.environ["PATH"]}
-    cmd = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
-           "bash", str(REPO / "dockerfiles/entrypoint.sh")]
+    # The other user must be able to read the script wherever the checkout lives (`mktemp -d` is 0700).
+    script_dir = tempfile.mkdtemp()
+    os.chmod(script_dir, 0o755)
+    entrypoint = shutil.copy(REPO / "dockerfiles/entrypoint.sh", script_dir)
+    os.chmod(entrypoint, 0o755)
+    cmd = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "bash", entrypoint]
     shutil.rmtree(f"/tmp/home-{uid}", ignore_errors=True)
     try:
         run = subprocess.run([*cmd, "sh", "-c", probe], capture_output=True, text=True, env=env, timeout=60)
@@ -406,6 +411,7 @@ def test_entrypoint_as_a_user_without_passwd_entry():
         assert subprocess.run([*cmd, "sh", "-c", "exit 7"], env=env, timeout=60).returncode == 7
     finally:
         shutil.rmtree(f"/tmp/home-{uid}", ignore_errors=True)
+        shutil.rmtree(script_dir, ignore_errors=True)
 
 
 def shellcheck():
