@@ -3,14 +3,15 @@ DEMO_ARGS ?=
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+TESTS ?= tests
 
-.PHONY: install test bench demo lock clean
+.PHONY: install test bench demo docker-test lock clean
 
 install:
 	@tools/install_cpu.sh
 
 test: install
-	$(PY) -m pytest tests $(PYTEST_ARGS)
+	$(PY) -m pytest $(TESTS) $(PYTEST_ARGS)
 
 bench: install
 	$(PY) -m openrlhf_sapo.bench
@@ -18,6 +19,11 @@ bench: install
 # PPO, GRPO and SAPO on the digits VLM task, 3 seeds; writes runs/demo/report.md. DEMO_ARGS=--quick for a smoke run.
 demo: install
 	$(PY) -m openrlhf_sapo.demo $(DEMO_ARGS)
+
+# Builds dockerfiles/Dockerfile.cpu here (installing Docker and a local Debian base image when
+# missing) and runs the quick demo and a test subset in it; see tools/docker_test.sh.
+docker-test:
+	@tools/docker_test.sh
 
 lock:
 	tools/lock_cpu.sh

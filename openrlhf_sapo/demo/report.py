@@ -1,6 +1,7 @@
 """The demo's report: `<out>/report.md` and `<out>/plots/*.png` from every run's metrics.jsonl.
 
-`python -m openrlhf_sapo.demo.report --out runs/demo` rewrites it from existing runs. The findings
+`python -m openrlhf_sapo.demo.report --out runs/demo` rewrites it from the runs that finished so far
+(the demo rewrites `<out>/summary.json` after every run, so an interrupted demo can be reported). The findings
 are computed from the numbers (which method ends highest, whether the gap exceeds the spread over
 seeds, SAPO's step time relative to PPO's), never written in advance.
 """
@@ -30,10 +31,18 @@ TRAIN_CURVES = {  # plot name -> (metric key, y label)
 }
 
 
+def load_summary(out: str) -> dict:
+    path = os.path.join(out, "summary.json")
+    if not os.path.exists(path):
+        raise SystemExit(f"no demo in {out}: {path} is missing (the demo writes it once its set-up is done). "
+                         "Run `make demo` (or python -m openrlhf_sapo.demo --out OUT) first.")
+    with open(path) as f:
+        return json.load(f)
+
+
 def load_runs(out: str) -> Dict[str, Dict[int, List[dict]]]:
-    """{method: {seed: [rows]}} from <out>/summary.json's runs."""
-    with open(os.path.join(out, "summary.json")) as f:
-        summary = json.load(f)
+    """{method: {seed: [rows]}} from the finished runs listed in <out>/summary.json."""
+    summary = load_summary(out)
     runs: Dict[str, Dict[int, List[dict]]] = {}
     for status in summary["runs"].values():
         path = os.path.join(status["run_dir"], "metrics.jsonl")
@@ -105,10 +114,13 @@ def summarize(runs) -> Dict[str, dict]:
 
 def findings(table: Dict[str, dict]) -> List[str]:
     lines = []
-    finals = {m: t["final"].mean() for m, t in table.items() if t["final"].size}
-    if finals:
-        best = max(finals, key=finals.get)
-        lines.append(f"Highest final held-out accuracy: {LABELS[best]} ({100 * finals[best]:.1f}%).")
+    finals = {m: round(100 * t["final"].mean(), 1) for m, t in table.items() if t["final"].size}
+    if len(finals) > 1 and len(set(finals.values())) == 1:
+        lines.append(f"Every method ends at the same held-out accuracy ({next(iter(finals.values())):.1f}%): no ranking.")
+    elif finals:
+        top = max(finals.values())
+        best = [LABELS[m] for m, v in finals.items() if v == top]
+        lines.append(f"Highest final held-out accuracy: {' and '.join(best)} ({top:.1f}%).")
     if "sapo" in table and table["sapo"]["final"].size:
         sapo = table["sapo"]["final"]
         for base in ("ppo", "grpo"):
@@ -221,8 +233,9 @@ def plot_all(runs, table, plot_dir: str) -> Dict[str, str]:
 
 
 def write_report(out: str) -> str:
-    with open(os.path.join(out, "summary.json")) as f:
-        summary = json.load(f)
+    summary = load_summary(out)
+    if not summary["runs"]:
+        raise SystemExit(f"no finished run in {out} yet: nothing to report")
     runs = load_runs(out)
     table = summarize(runs)
     plots = plot_all(runs, table, os.path.join(out, "plots"))
@@ -233,7 +246,12 @@ def write_report(out: str) -> str:
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}. "
         f"Set-up (tiny model + warm start + data): {summary['setup_seconds']:.0f} s; "
-        f"everything: {summary['total_seconds'] / 60:.1f} min.",
+        + (f"everything: {summary['total_seconds'] / 60:.1f} min." if summary.get("finished") else
+           f"**unfinished demo**: {len(summary['runs'])} of "
+           f"{len(summary.get('methods', METHOD_ORDER)) * len(config['seeds'])} runs done (rerun the demo to finish it)."),
+        "",
+        "Numerics pinned for reproducibility (demo/numerics.py): "
+        + ", ".join(f"{k}={v}" for k, v in summary.get("numerics", {}).items()) + ".",
         "",
         f"Each run: {config['steps']} RL steps of {config['samples_per_step']} sampled responses "
         f"(GRPO: {config['samples_per_step'] // config['grpo_group']} prompts x {config['grpo_group']}), "
@@ -279,13 +297,17 @@ def write_report(out: str) -> str:
     for name, path in plots.items():
         lines += [f"### {captions.get(name, name)}", "", f"![{name}]({os.path.relpath(path, out)})", ""]
     lines += ["## Reproduce", "", "Everything: `make demo` (or `python -m openrlhf_sapo.demo"
-              + (" --quick" if summary["preset"] == "quick" else "") + f" --task {summary['task']}`). Each run:", ""]
+              + (" --quick" if summary["preset"] == "quick" else "") + f" --task {summary['task']}`). "
+              "Each run's exact command is saved beside its outputs; `bash <run>/command.sh` repeats it.", "",
+              "| run | seconds | command |", "|---|---|---|"]
     for name, status in summary["runs"].items():
-        with open(os.path.join(status["run_dir"], "command.sh")) as f:
-            command = f.read().split("\n", 1)[1].strip()
-        lines += [f"<details><summary>{name} ({status['seconds']:.0f} s)</summary>", "", "```bash", command, "```",
-                  "", "</details>", ""]
-    lines += ["Metrics of every run: `<run>/metrics.jsonl`, `tensorboard --logdir " + shlex.quote(os.path.join(out, "runs")) + "`."]
+        command = os.path.join(status["run_dir"], "command.sh")
+        lines.append(f"| {name} | {status['seconds']:.0f} | `{os.path.relpath(command, out)}` |")
+    if summary.get("method_flags"):
+        lines += ["", "What sets the methods apart (the other flags are shared):", ""]
+        for method, flags in summary["method_flags"].items():
+            lines.append(f"- {LABELS[method]}: `{shlex.join(flags)}`")
+    lines += ["", "Metrics of every run: `<run>/metrics.jsonl`, `tensorboard --logdir " + shlex.quote(os.path.join(out, "runs")) + "`."]
     path = os.path.join(out, "report.md")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")

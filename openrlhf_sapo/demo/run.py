@@ -3,12 +3,15 @@
 1. builds the task's tiny model offline (a Qwen2.5-VL for `digits`, a Qwen2 for `arithmetic`),
    warm-starts it on step-wise solutions with realistic mistakes (cached under `<out>/warm_start`),
    and writes the prompt files (`<out>/data/{train,heldout}.jsonl`);
-2. trains every method for every seed with `python -m openrlhf_sapo.cli.train_local` (one
-   subprocess per run; the exact command is saved next to its outputs), the same number of samples
-   per step and of steps for every method (GRPO draws fewer prompts and several samples each);
+2. trains every method for every seed with `python -m openrlhf_sapo.cli.train_local` (run in this
+   process; the exact command is saved next to its outputs), the same number of samples per step
+   and of steps for every method (GRPO draws fewer prompts and several samples each);
 3. writes `<out>/report.md` with plots (demo/report.py).
 
-Every run logs to tensorboard (`<run>/tensorboard`) and to `<run>/metrics.jsonl`.
+Every run logs to tensorboard (`<run>/tensorboard`) and to `<run>/metrics.jsonl`; a finished run
+leaves `<run>/status.json`. Rerunning the demo into the same folder skips every run whose status
+holds the same command (an interrupted demo resumes there; the run it was in starts over), and
+`<out>/summary.json` is rewritten after each run, so the report can be written at any time.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import gc
 import json
 import os
 import shlex
+import shutil
 import sys
 import threading
 import time
@@ -176,17 +180,39 @@ def _output_to(path: str):
             os.close(saved[1])
 
 
+STATUS_FILE = "status.json"
+
+
+def finished_status(cmd: List[str], run_dir: str) -> Optional[dict]:
+    """The saved status of a run that finished with exactly this command, else None."""
+    path = os.path.join(run_dir, STATUS_FILE)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            status = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return status if status.get("args") == cmd[3:] and status.get("returncode") == 0 else None
+
+
 def run_one(cmd: List[str], run_dir: str, bar=None, total_steps: int = 0) -> dict:
     """Run one training command (`python -m openrlhf_sapo.cli.train_local ...`) in this process,
     its output in <run_dir>/train.log; the command is saved as <run_dir>/command.sh. In-process
     saves the ~14 s of imports a fresh process pays per run; train() leaves nothing behind
-    (process group, DeepSpeed groups and CPU patches are undone). Returns its status."""
+    (process group, DeepSpeed groups and CPU patches are undone). A run that finished before with
+    the same command is not run again. Returns its status (also saved as <run_dir>/status.json)."""
     from openrlhf_sapo.cli import train_local
 
-    os.makedirs(run_dir, exist_ok=True)
+    done = finished_status(cmd, run_dir)
+    if done is not None:
+        if bar is not None:
+            bar.update(total_steps)
+        return dict(done, skipped=True)
+    if os.path.exists(run_dir):
+        shutil.rmtree(run_dir)  # what an interrupted attempt left (metrics, tensorboard, checkpoints)
+    os.makedirs(run_dir)
     metrics = os.path.join(run_dir, "metrics.jsonl")
-    if os.path.exists(metrics):
-        os.remove(metrics)  # a rerun starts its curve afresh
     with open(os.path.join(run_dir, "command.sh"), "w") as f:
         f.write("#!/usr/bin/env bash\n" + " \\\n  ".join(shlex.quote(c) for c in cmd) + "\n")
     log_path = os.path.join(run_dir, "train.log")
@@ -222,7 +248,15 @@ def run_one(cmd: List[str], run_dir: str, bar=None, total_steps: int = 0) -> dic
         with open(log_path) as f:
             tail = f.read()[-3000:]
         raise RuntimeError(f"training run failed ({type(error).__name__}: {error}); see {log_path}:\n{tail}")
+    _write_json(os.path.join(run_dir, STATUS_FILE), dict(status, args=cmd[3:]))
     return status
+
+
+def _write_json(path: str, value) -> None:
+    """Atomic: an interrupted demo never leaves half a file for the report or the next run."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(value, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def analyze_segments(task_name: str, warm_model: str, statuses: dict, preset: Preset) -> dict:
@@ -240,48 +274,61 @@ def analyze_segments(task_name: str, warm_model: str, statuses: dict, preset: Pr
 
 def main(argv: Optional[List[str]] = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m openrlhf_sapo.demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    parser.add_argument("--out", default=None,
+                        help="output folder (default runs/demo, or runs/demo-quick with --quick: the two keep "
+                             "their own warm starts); rerunning into it skips the runs that finished")
     parser.add_argument("--task", default="digits", choices=sorted(TASKS), help="digits (VLM, default) or arithmetic")
-    parser.add_argument("--quick", action="store_true", help="a few steps, one seed (for tests)")
+    parser.add_argument("--quick", action="store_true", help="a few steps, one seed (checks the pipeline only)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the preset's seeds")
     parser.add_argument("--steps", type=int, default=None, help="override the preset's RL steps per run")
     parser.add_argument("--no-report", action="store_true", help="train only")
     args = parser.parse_args(argv)
 
+    from openrlhf_sapo.demo.numerics import pin_cpu_numerics
+
+    numerics = pin_cpu_numerics()  # before any torch kernel: same numbers on every x86-64 machine
     from tqdm.auto import tqdm
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    preset = PRESETS["quick" if args.quick else "full"]
+    preset_name = "quick" if args.quick else "full"
+    preset = PRESETS[preset_name]
     if args.seeds:
         preset = replace(preset, seeds=tuple(args.seeds))
     if args.steps:
         preset = replace(preset, steps=args.steps)
-    out = os.path.abspath(args.out)
+    out = os.path.abspath(args.out or ("runs/demo-quick" if args.quick else "runs/demo"))
     os.makedirs(out, exist_ok=True)
     t0 = time.time()
     prepared = prepare(args.task, preset, out)
-    setup_seconds = time.time() - t0
+    summary = {"task": args.task, "preset": preset_name, "config": asdict(preset), "methods": list(args.methods),
+               "method_flags": {m: method_flags(m, "<model>", preset) for m in args.methods},
+               "setup_seconds": round(time.time() - t0, 1), "numerics": numerics,
+               "warm_start": prepared["warm_start"], "runs": {}, "analysis": {}, "finished": False}
+    summary_path = os.path.join(out, "summary.json")
+    _write_json(summary_path, summary)
 
     runs = [(m, s) for s in preset.seeds for m in args.methods]  # interleaved: every method gets seed 1 first
-    statuses = {}
     # The bar writes to a copy of this process's stderr: each run's own output goes to its train.log.
     bar_file = os.fdopen(os.dup(2), "w", buffering=1)
     bar = tqdm(total=len(runs) * preset.steps, desc="RL steps (all runs)", unit="step", file=bar_file)
     for method, seed in runs:
-        run_dir = os.path.join(out, "runs", f"{method}_seed{seed}")
+        name = f"{method}_seed{seed}"
+        run_dir = os.path.join(out, "runs", name)
         bar.set_postfix(run=f"{method} seed {seed}")
         cmd = train_command(method, seed, preset, prepared["model"], prepared["data_dir"], run_dir, prepared["is_vlm"])
-        statuses[f"{method}_seed{seed}"] = dict(run_one(cmd, run_dir, bar, preset.steps), method=method, seed=seed,
-                                                run_dir=run_dir)
+        status = run_one(cmd, run_dir, bar, preset.steps)
+        if status.pop("skipped", False):
+            bar.write(f"{name}: finished in an earlier attempt ({status['seconds']:.0f} s), not run again")
+        status.pop("args", None)
+        summary["runs"][name] = dict(status, method=method, seed=seed, run_dir=run_dir)
+        _write_json(summary_path, summary)
     bar.close()
     bar_file.close()
-    analysis = analyze_segments(args.task, prepared["model"], statuses, preset) if "sapo" in args.methods else {}
-    summary = {"task": args.task, "preset": "quick" if args.quick else "full", "config": asdict(preset),
-               "setup_seconds": round(setup_seconds, 1), "total_seconds": round(time.time() - t0, 1),
-               "warm_start": prepared["warm_start"], "runs": statuses, "analysis": analysis}
-    with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    if "sapo" in args.methods:
+        summary["analysis"] = analyze_segments(args.task, prepared["model"], summary["runs"], preset)
+    summary.update(total_seconds=round(time.time() - t0, 1), finished=True)
+    _write_json(summary_path, summary)
     if not args.no_report:
         from openrlhf_sapo.demo.report import write_report
 
