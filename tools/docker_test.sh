@@ -15,6 +15,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DOCKER=${DOCKER:-/usr/bin/docker}
+DOCKERD=${DOCKERD:-dockerd}
+DOCKERD_FLAGS=${DOCKERD_FLAGS:-}
 IMAGE=${IMAGE:-openrlhf-sapo:cpu-test}
 LOCAL_BASE=${LOCAL_BASE:-openrlhf-sapo-base:bookworm}
 BASE_IMAGE=${BASE_IMAGE:-}
@@ -53,7 +55,7 @@ trap 'exit 130' INT TERM
 
 # ----------------------------------------------------------------------------- 1. packages
 need_packages=()
-[ -x "$DOCKER" ] && command -v dockerd >/dev/null || need_packages+=(docker.io)
+[ -x "$DOCKER" ] && command -v "$DOCKERD" >/dev/null || need_packages+=(docker.io)
 [ -n "$BASE_IMAGE" ] || command -v debootstrap >/dev/null || need_packages+=(debootstrap)
 if [ "${#need_packages[@]}" -gt 0 ]; then
   [ "$(id -u)" = 0 ] || die "missing ${need_packages[*]} and not root, so they cannot be installed here." \
@@ -74,7 +76,8 @@ if ! "$DOCKER" info >/dev/null 2>&1; then
   [ "$(id -u)" = 0 ] || die "no Docker daemon answers and only root can start one here." \
     "Fix: start dockerd (sudo dockerd &, or systemctl start docker), or add yourself to the docker group."
   say "starting dockerd (log: $LOGS/dockerd.log)"
-  dockerd >"$LOGS/dockerd.log" 2>&1 &
+  # shellcheck disable=SC2086  # DOCKERD_FLAGS is a list of flags
+  "$DOCKERD" $DOCKERD_FLAGS >"$LOGS/dockerd.log" 2>&1 &
   started_dockerd=$!
   for _ in $(seq 60); do
     "$DOCKER" info >/dev/null 2>&1 && break
@@ -82,8 +85,14 @@ if ! "$DOCKER" info >/dev/null 2>&1; then
     sleep 1
   done
   if ! "$DOCKER" info >/dev/null 2>&1; then
-    reason=$(grep -iE 'level=(fatal|error)|failed to start|permission denied|address already in use' "$LOGS/dockerd.log" | tail -3)
-    die "dockerd did not start within 60 s${reason:+: }" "${reason:-(no error line; see $LOGS/dockerd.log)}" \
+    if kill -0 "$started_dockerd" 2>/dev/null; then
+      why="dockerd runs but does not answer after 60 s"
+    else
+      wait "$started_dockerd" && code=0 || code=$?
+      why="dockerd exited with status $code"
+      started_dockerd=""
+    fi
+    die "$why; the last lines of its log ($LOGS/dockerd.log):" "$(tail -3 "$LOGS/dockerd.log" | cut -c1-300)" \
       "Fix: dockerd needs root and a kernel that allows it (overlayfs or vfs storage, iptables, cgroups);" \
       "inside an unprivileged container it cannot run. Another dockerd may own /var/run/docker.sock." \
       "Start one yourself and rerun (this script uses a running daemon as it is)."
