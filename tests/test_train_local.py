@@ -248,3 +248,23 @@ def test_the_same_seed_gives_the_same_run(tasks, tmp_path):
         train_local.train(train_local.parse_args(argv(tasks, run, "arithmetic", "sapo", "--train.seed", "7")))
         logs.append([{k: v for k, v in r.items() if k != "time" and not k.startswith("timing/")} for r in rows(run)])
     assert logs[0] == logs[1]
+
+
+def test_fp32_training_on_cpu(tasks, tmp_path, monkeypatch):
+    """`--ds.param_dtype fp32` (CPU only): actor and critic train in fp32 through upstream's builders,
+    and upstream's dtype conversion is put back afterwards."""
+    from openrlhf.utils import utils as upstream_utils
+
+    dtypes = {}
+
+    def record(trainer):
+        dtypes["actor"] = {p.dtype for p in trainer.actor_model_group.worker.actor.model.module.parameters()}
+        dtypes["critic"] = {p.dtype for p in trainer.critic_model_group.worker.critic.module.parameters()}
+
+    Spy(monkeypatch, before_fit=record)
+    train_local.train(train_local.parse_args(argv(tasks, tmp_path, "digits", "sapo", "--algo.kl.init_coef", "0.001",
+                                                  "--ds.param_dtype", "fp32")))
+    assert dtypes == {"actor": {torch.float32}, "critic": {torch.float32}}
+    assert [r["step"] for r in rows(tmp_path) if r["kind"] == "train"] == list(range(1, STEPS + 1))
+    with pytest.raises(ValueError, match="Invalid param_dtype"):
+        upstream_utils.convert_to_torch_dtype("fp32")

@@ -49,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.set_defaults(**{f"{role}.{what}": 1 for role in ROLES for what in ("num_nodes", "num_gpus_per_node")})
     # The HF engine is the run's one rollout engine (upstream's checks count vLLM engines).
     parser.set_defaults(**{"vllm.num_engines": 1})
+    # fp32 training on CPU (cpu_compat makes upstream's model builders accept it): faster than bf16 on
+    # most CPUs, and the demo's numbers then do not depend on the CPU's bf16 kernels.
+    dtype_flag = next(a for a in parser._actions if "--ds.param_dtype" in a.option_strings)
+    dtype_flag.choices = [*dtype_flag.choices, "fp32"]
+    dtype_flag.help = f"{dtype_flag.help} (fp32: single-process backend on CPU only)"
     group = parser.add_argument_group(LOCAL_GROUP)
     group.add_argument("--resume", action="store_true", default=False,
                        help="resume from the last checkpoint under --ckpt.path (= --ckpt.load_enable)")
@@ -88,6 +93,8 @@ def check_local(args) -> None:
     if args.vllm.num_engines != 1 or args.vllm.tensor_parallel_size != 1:
         problems.append("the single-process backend has exactly one rollout engine (Hugging Face generate): "
                         "leave --vllm.num_engines and --vllm.tensor_parallel_size at 1")
+    if args.ds.param_dtype == "fp32" and _cuda(args):
+        problems.append("--ds.param_dtype fp32 is for CPU runs; on a GPU use bf16 (upstream's default)")
     if args.local.device == "cuda" and not _cuda_available():
         problems.append("--local.device cuda but torch sees no GPU")
     if problems:

@@ -135,6 +135,20 @@ def patch_distributed_for_cpu() -> bool:
         self.target_device = torch.device("cpu")
 
     _replace(buffer_cls, "__init__", buffer_init_on_cpu)
+
+    # fp32 models (`--ds.param_dtype fp32`, single-process backend on CPU only): upstream knows bf16 and
+    # fp16, whose matmuls have no fast kernel on CPUs without AVX-512-BF16 (measured 2-3x slower than
+    # fp32 per training step on an AVX2 EPYC). With neither enabled, DeepSpeed's config trains in fp32.
+    # Upstream imports this function inside the model builders, so rebinding it here reaches them.
+    from openrlhf.utils import utils as upstream_utils
+
+    to_dtype = upstream_utils.convert_to_torch_dtype
+
+    @functools.wraps(to_dtype)
+    def convert_to_torch_dtype_with_fp32(param_dtype):
+        return torch.float32 if param_dtype == "fp32" else to_dtype(param_dtype)
+
+    _replace(upstream_utils, "convert_to_torch_dtype", convert_to_torch_dtype_with_fp32)
     return True
 
 
