@@ -240,3 +240,17 @@ def test_upstream_deepspeed_training_through_sapo_workers(workers):
     critic.append(copy.deepcopy(batch))
     second = critic.fit()
     assert second["critic_loss"] < critic_status["critic_loss"], (critic_status, second)
+
+
+def test_cpu_runs_compile_no_deepspeed_op(workers):
+    """On CPU, AdamW is torch's (DeepSpeed's `torch_adam`), not the CPU FusedAdam DeepSpeed JIT-compiles
+    with -march=native, and no shared-memory comm op is built: a fresh machine compiles nothing."""
+    import importlib
+
+    ds_comm = importlib.import_module("deepspeed.comm.comm")  # the module whose `cdb` is the live backend
+    _, actor, critic = workers
+    for engine in (actor.actor.model, critic.critic):
+        optimizer = engine.optimizer
+        inner = getattr(optimizer, "optimizer", optimizer)  # ZeRO wraps the basic optimizer
+        assert type(inner) is torch.optim.AdamW, type(inner)
+    assert ds_comm.cdb is not None and ds_comm.cdb.shm_comm_op is None

@@ -25,6 +25,9 @@ before upstream is imported.
   and call `torch.cuda.synchronize()` (made a no-op); `NaiveReplayBuffer` targets
   `torch.device(f"cuda:{current_device()}")`, which no return value can make a CPU device,
   so its constructor sees index 0 and its target device is set to CPU afterwards.
+  Also for CPU runs: `--ds.param_dtype fp32` is accepted by upstream's model builders, AdamW is
+  torch's (not DeepSpeed's JIT-compiled CPU FusedAdam), and DeepSpeed builds no shared-memory
+  comm op (see the comments in the function).
 """
 
 from __future__ import annotations
@@ -149,6 +152,26 @@ def patch_distributed_for_cpu() -> bool:
         return torch.float32 if param_dtype == "fp32" else to_dtype(param_dtype)
 
     _replace(upstream_utils, "convert_to_torch_dtype", convert_to_torch_dtype_with_fp32)
+
+    # Nothing DeepSpeed JIT-compiles on first use (about 100 s on a fresh 2-core machine, and its ops
+    # are built with -march=native, so their numbers depend on the CPU): AdamW is torch's own
+    # (DeepSpeed's `torch_adam` option) instead of its CPU FusedAdam build, and no shared-memory comm
+    # op is built (it only serves DeepSpeed's inference all-reduce; training collectives use gloo).
+    # (`import deepspeed.comm.torch as m` would bind the package's attribute `torch`, i.e. torch itself)
+    ds_comm_torch = importlib.import_module("deepspeed.comm.torch")
+
+    get_train_config = ds_strategy.DeepspeedStrategy.get_ds_train_config
+
+    @functools.wraps(get_train_config)
+    def get_ds_train_config_with_torch_adam(self, *args, **kwargs):
+        config = get_train_config(self, *args, **kwargs)
+        optimizer = config.get("optimizer") or {}
+        if optimizer.get("type") == "AdamW":
+            optimizer["params"] = dict(optimizer.get("params") or {}, torch_adam=True)
+        return config
+
+    _replace(ds_strategy.DeepspeedStrategy, "get_ds_train_config", get_ds_train_config_with_torch_adam)
+    _replace(ds_comm_torch, "build_shm_op", _no_op)
     return True
 
 
