@@ -437,7 +437,8 @@ def shellcheck():
     return path
 
 
-@pytest.mark.parametrize("script", ["dockerfiles/docker_run.sh", "dockerfiles/entrypoint.sh"])
+@pytest.mark.parametrize("script", ["dockerfiles/docker_run.sh", "dockerfiles/entrypoint.sh", "tools/docker_test.sh",
+                                    "tools/install_cpu.sh", ".ci/run"])
 def test_shell_scripts_pass_shellcheck(script):
     run = subprocess.run([shellcheck(), str(REPO / script)], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stdout + run.stderr

@@ -38,6 +38,7 @@ elapsed() { echo "$(($(date +%s) - $1)) s"; }
 started_dockerd=""
 cleanup() {
   local rc=$?
+  rm -f dockerfiles/wheels/torch-*.whl
   # Containers this run started (normally removed by --rm; a killed run may leave them).
   if [ -x "$DOCKER" ] && "$DOCKER" info >/dev/null 2>&1; then
     "$DOCKER" ps -aq --filter "name=$CONTAINER_PREFIX" | xargs -r "$DOCKER" rm -f >/dev/null 2>&1 || true
@@ -64,9 +65,10 @@ if [ "${#need_packages[@]}" -gt 0 ]; then
     "Fix: install Docker (with BuildKit) and debootstrap yourself, or set BASE_IMAGE=python:3.11-slim where a registry is reachable."
   t=$(date +%s)
   say "installing ${need_packages[*]} (apt-get)"
-  DEBIAN_FRONTEND=noninteractive apt-get update -qq >"$LOGS/apt.log" 2>&1 \
-    && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_packages[@]}" >>"$LOGS/apt.log" 2>&1 \
-    || die "apt-get install ${need_packages[*]} failed; last lines of $LOGS/apt.log:" "$(tail -5 "$LOGS/apt.log")"
+  if ! { DEBIAN_FRONTEND=noninteractive apt-get update -qq &&
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_packages[@]}"; } >"$LOGS/apt.log" 2>&1; then
+    die "apt-get install ${need_packages[*]} failed; last lines of $LOGS/apt.log:" "$(tail -5 "$LOGS/apt.log")"
+  fi
   say "installed in $(elapsed "$t")"
 fi
 [ -x "$DOCKER" ] || die "$DOCKER not found after installing docker.io." "Fix: set DOCKER to a docker client with BuildKit (docker buildx or Debian's docker.io)."
@@ -148,11 +150,15 @@ if [ "${DOCKER_TEST_FRESH:-0}" = 1 ]; then
   build_args+=(--no-cache --build-arg PIP_CACHE=off)
   say "fresh build: no layer cache, no pip cache"
 fi
+previous=$("$DOCKER" image inspect -f '{{.Id}}' "$IMAGE" 2>/dev/null || true)
 t=$(date +%s)
 say "building $IMAGE from dockerfiles/Dockerfile.cpu on $BASE_IMAGE (log: $LOGS/build.log)"
 DOCKER_BUILDKIT=1 "$DOCKER" build --progress=plain -f dockerfiles/Dockerfile.cpu -t "$IMAGE" "${build_args[@]}" . \
   >"$LOGS/build.log" 2>&1 || die "docker build failed; last lines of $LOGS/build.log:" "$(tail -15 "$LOGS/build.log")"
 rm -f dockerfiles/wheels/torch-*.whl
+if [ -n "$previous" ] && [ "$previous" != "$("$DOCKER" image inspect -f '{{.Id}}' "$IMAGE")" ]; then
+  "$DOCKER" rmi "$previous" >/dev/null 2>&1 || true  # the image this build replaced (5 GB), unless in use
+fi
 say "image built in $(elapsed "$t") ($("$DOCKER" image inspect -f '{{.Size}}' "$IMAGE" | awk '{printf "%.1f GB", $1/1e9}'))"
 
 # ----------------------------------------------------------------------------- 5. inside the image

