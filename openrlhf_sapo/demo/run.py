@@ -319,7 +319,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
         cmd = train_command(method, seed, preset, prepared["model"], prepared["data_dir"], run_dir, prepared["is_vlm"])
         status = run_one(cmd, run_dir, bar, preset.steps)
         if status.pop("skipped", False):
-            bar.write(f"{name}: finished in an earlier attempt ({status['seconds']:.0f} s), not run again")
+            bar.write(f"{name}: finished in an earlier attempt ({status['seconds']:.0f} s), not run again",
+                      file=bar_file)
         status.pop("args", None)
         summary["runs"][name] = dict(status, method=method, seed=seed, run_dir=run_dir)
         _write_json(summary_path, summary)
