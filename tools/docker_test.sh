@@ -178,7 +178,6 @@ for who in root uid1000; do
   [ "$who" = uid1000 ] && user=(--user 1000:1000)
   in_image "demo-quick-$who" "${user[@]}" "$IMAGE" \
     bash -c 'make demo DEMO_ARGS="--quick --out /tmp/demo-quick" && test -s /tmp/demo-quick/report.md'
-  # shellcheck disable=SC2086  # the subset is a list of test files
   in_image "tests-$who" "${user[@]}" "$IMAGE" make test TESTS="$PYTEST_SUBSET" PYTEST_ARGS="-q -p no:cacheprovider"
 done
 say "all passed (logs in $LOGS)"

@@ -193,7 +193,9 @@ def finished_status(cmd: List[str], run_dir: str) -> Optional[dict]:
             status = json.load(f)
     except (OSError, ValueError):
         return None
-    return status if status.get("args") == cmd[3:] and status.get("returncode") == 0 else None
+    if status.pop("args", None) != cmd[3:] or status.get("returncode") != 0:
+        return None
+    return status
 
 
 def run_one(cmd: List[str], run_dir: str, bar=None, total_steps: int = 0) -> dict:
@@ -321,7 +323,6 @@ def main(argv: Optional[List[str]] = None) -> dict:
         if status.pop("skipped", False):
             bar.write(f"{name}: finished in an earlier attempt ({status['seconds']:.0f} s), not run again",
                       file=bar_file)
-        status.pop("args", None)
         summary["runs"][name] = dict(status, method=method, seed=seed, run_dir=run_dir)
         _write_json(summary_path, summary)
     bar.close()
