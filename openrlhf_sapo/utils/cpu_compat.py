@@ -228,6 +228,11 @@ def adapt_ray_args_for_cpu(args) -> list:
     if "flash_attention" in str(args.ds.attn_implementation):
         change("--ds.attn_implementation", "sdpa", "flash-attn kernels are CUDA-only")
     change("--ds.packing_samples", False, "packed samples need flash-attn's varlen kernels")
+    if args.ds.zero_stage == 3 and args.actor.gradient_checkpointing_enable:
+        # Measured (DeepSpeed 0.19.6, 2 ranks over gloo): NaN critic values from the first forward
+        # (the flag also turns checkpointing on for the critic); fine with ZeRO-2. Not yet understood.
+        change("--actor.gradient_checkpointing_enable", False,
+               "ZeRO-3 with gradient checkpointing yields NaN values on CPU")
     change("--vllm.sync_backend", "gloo", "weight sync over gloo, not NCCL / CUDA IPC")
     change("--vllm.sync_with_ray", False, "the gloo group is built directly, not through ray.util.collective")
     change("--vllm.enable_sleep", False, "vLLM's sleep mode needs CUDA")

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -53,6 +54,8 @@ class SegmentActorPPOTrainer(ActorPPOTrainer):
             sent = {key: sent[key] + part[key] for key in sent}
         if torch.distributed.get_rank() != 0:
             return sent
+        if not all(math.isfinite(sent[key]) for key in ("sum", "sum_sq")):
+            raise RuntimeError(f"weight sync check: the actor's weights are not finite ({sent}): training diverged")
         received = ray.get([engine.last_sync_checksum.remote() for engine in self.vllm_engines])
         for i, workers in enumerate(received):
             for worker in workers if isinstance(workers, list) else [workers]:
