@@ -303,6 +303,12 @@ def install_for_training(args) -> list:
     if cpu:  # a GPU machine skips all of this: upstream's options and its own ray.init
         notes += cpu_compat.adapt_ray_args_for_cpu(args)
     apply_pipeline_parallel(args, cpu=cpu)
+    if cpu and args.vllm.num_engines and args.data.max_images_per_prompt > 0:
+        from .trainer.ray.hf_rollout_actor import make_hf_rollout_actor_class
+
+        rebind("openrlhf.trainer.ray.vllm_engine", "RolloutRayActor", make_hf_rollout_actor_class())
+        notes.append("rollout engines: Hugging Face generate in Ray actors (vLLM's VLMs need torchvision, which "
+                     "has no build for this CPU torch)")
     if cpu:
         env = {name: os.environ.get(name, default) for name, default in UPSTREAM_RAY_ENV_VARS}
         notes.append(cpu_compat.start_or_join_ray_on_cpu(args, env))
