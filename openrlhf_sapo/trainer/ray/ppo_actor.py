@@ -103,6 +103,15 @@ class _EntropyCapture:
 class SapoPolicyModelActorMixin:
     """Methods SAPO adds to the actor's Ray worker."""
 
+    def init_model_from_pretrained(self, strategy, *args, **kwargs):
+        result = super().init_model_from_pretrained(strategy, *args, **kwargs)
+        import ray
+
+        # where each rank landed (multi-node placement is otherwise only visible in Ray's dashboard)
+        print(f"[openrlhf_sapo] actor rank {torch.distributed.get_rank()}/{torch.distributed.get_world_size()} "
+              f"on node {ray.util.get_node_ip_address()}", flush=True)
+        return result
+
     def forward(self, *args, return_entropy: bool = False, **kwargs):
         if not return_entropy:
             return super().forward(*args, **kwargs)

