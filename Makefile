@@ -1,11 +1,12 @@
 # What a newcomer runs: `make demo`, `make test` and `make bench` (each sets itself up).
 DEMO_ARGS ?=
+E2E_ARGS ?=
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 TESTS ?= tests
 
-.PHONY: install test bench demo docker-test lock clean
+.PHONY: install test bench demo e2e docker-test lock clean
 
 install:
 	@tools/install_cpu.sh
@@ -19,6 +20,11 @@ bench: install
 # PPO, GRPO and SAPO on the digits VLM task, 3 seeds; writes runs/demo/report.md. DEMO_ARGS=--quick for a smoke run.
 demo: install
 	$(PY) -m openrlhf_sapo.demo $(DEMO_ARGS)
+
+# The shipped scripts on a 2-node CPU Ray cluster (two network namespaces; needs root), report in
+# runs/e2e/report.md; see tests/cluster/e2e.py.
+e2e: install
+	$(PY) -m tests.cluster.e2e $(E2E_ARGS)
 
 # Builds dockerfiles/Dockerfile.cpu here (installing Docker and a local Debian base image when
 # missing) and runs the quick demo and a test subset in it; see tools/docker_test.sh.

