@@ -292,14 +292,14 @@ def install_for_training(args) -> list:
     with every worker prepared for CPU). Returns what the CPU mode did, one line each."""
     import os
 
-    apply_patches()
-    from .trainer.ray.vllm_engine import apply_pipeline_parallel
-
     cpu = not cpu_compat.has_cuda()
-    notes = []
     if not cpu and getattr(args.vllm, "check_weight_sync", False):
         raise ValueError("--vllm.check_weight_sync is only implemented for CPU runs (vLLM on CPU with SAPO's gloo weight "
                          "sync); drop it on a GPU machine")
+    apply_patches()
+    from .trainer.ray.vllm_engine import apply_pipeline_parallel
+
+    notes = []
     if cpu:  # a GPU machine skips all of this: upstream's options and its own ray.init
         notes += cpu_compat.adapt_ray_args_for_cpu(args)  # idempotent: the CLI applied them before validation
     apply_pipeline_parallel(args, cpu=cpu)

@@ -466,7 +466,7 @@ def test_main_dry_run_prints_the_config_and_starts_nothing(monkeypatch, capsys):
 
 def test_main_installs_sapo_then_runs_upstream_train(monkeypatch):
     calls = []
-    monkeypatch.setattr(seam, "install_for_training", lambda args: calls.append(("install", args)), raising=False)
+    monkeypatch.setattr(seam, "install_for_training", lambda args: calls.append(("install", args)) or [], raising=False)
     trains = []
 
     def fake_upstream(module, attribute):

@@ -64,7 +64,7 @@ def test_cluster_starts_two_nodes_refuses_a_too_small_run_and_leaves_nothing(tmp
             "from openrlhf_sapo.utils import cpu_compat; "
             "args = cli.upstream_hierarchize()(cli.build_parser().parse_args(["
             "'--actor.model_name_or_path', 'm', '--reward.remote_url', 'r.py', '--data.prompt_dataset', 'd', "
-            "'--actor.num_gpus_per_node', '4', '--vllm.num_engines', '1'])); t = time.time()\n"
+            "'--actor.num_gpus_per_node', '4', '--vllm.num_engines', '1', '--algo.kl.init_coef', '0'])); t = time.time()\n"
             "try:\n    cpu_compat.start_or_join_ray_on_cpu(args, {})\nexcept RuntimeError as err:\n"
             "    print('REFUSED', round(time.time() - t), err)"
         )

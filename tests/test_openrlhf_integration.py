@@ -5,6 +5,7 @@ device) and the Ray groups of the experience maker (its advantage step needs non
 """
 
 import copy
+import types
 from types import SimpleNamespace
 
 import pytest
@@ -145,7 +146,8 @@ def test_remote_subclasses_apply_the_patches_in_their_worker(monkeypatch):
         cls = remote.__ray_actor_class__
         base = remote.__sapo_replaces__.__ray_actor_class__
         monkeypatch.setattr(base, "__init__", lambda self, *a, **k: calls.append("upstream init"))
-        cls.__new__(cls).__init__()
+        strategy = types.SimpleNamespace(args=types.SimpleNamespace(train=types.SimpleNamespace(seed=3)))
+        cls.__new__(cls).__init__("model", strategy)  # the trainer seeds from the strategy's --train.seed
     assert calls == ["patched", "upstream init"] * 2
     assert SapoPolicyModelActor._default_options == {"num_gpus": 1}
 

@@ -41,6 +41,8 @@ from tests.cluster.harness import REPO, Cluster, ClusterUnavailable, check_can_c
 NODES = {"10.77.0.1", "10.77.0.2"}
 REWARD = os.path.join(REPO, "openrlhf_sapo", "demo", "reward_func.py")
 SKIPPED = 77
+# What step 1 depends on only through the prompts drawn and the responses sampled (not the update rule).
+FIRST_STEP_TAGS = ("train/reward", "train/response_length", "train/policy_entropy")
 
 
 @dataclass
@@ -275,7 +277,7 @@ def execute(cluster: Cluster, run: Run, assets, workdir: str, timeout: float, at
     result["seconds"] = round(time.time() - started, 1)
     result["steps"] = len(tb.get("train/reward", {}))
     result["seconds_per_step"] = seconds_per_step(tb)
-    result["first_step"] = {tag: tb.get(tag, {}).get(1) for tag in ("train/reward", "train/response_length")}
+    result["first_step"] = {tag: tb.get(tag, {}).get(1) for tag in FIRST_STEP_TAGS}
     return result
 
 
@@ -342,9 +344,8 @@ def write_report(results: List[Dict], workdir: str, cluster_seconds: float, tota
                          f"(target <= 1.03). Two cores shared by every process: expect +-10% noise.")
         lines += ["", "## Same seed, same first step", "",
                   f"Step 1 of geo3k-sapo and geo3k-ppo (seed 42, same prompts and engine seed; the update rule only "
-                  f"acts after step 1): reward {sapo['first_step']['train/reward']} vs "
-                  f"{ppo['first_step']['train/reward']}, response length {sapo['first_step']['train/response_length']} "
-                  f"vs {ppo['first_step']['train/response_length']}."]
+                  f"acts after step 1): " + ", ".join(f"{tag[6:]} {sapo['first_step'][tag]} vs {ppo['first_step'][tag]}"
+                                                      for tag in FIRST_STEP_TAGS) + "."]
     path = os.path.join(workdir, "report.md")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -381,6 +382,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"[e2e] {run.name}: {result['seconds']:.0f} s, {'FAILED ' + str(failed) if failed else 'ok'}",
                   flush=True)
             results.append(result)
+    by_name = {r["name"]: r for r in results}
+    if "geo3k-sapo" in by_name and "geo3k-ppo" in by_name:
+        a, b = by_name["geo3k-sapo"]["first_step"], by_name["geo3k-ppo"]["first_step"]
+        by_name["geo3k-ppo"]["checks"]["same first step as geo3k-sapo (seed 42: reward, length, entropy)"] = (
+            a[FIRST_STEP_TAGS[0]] is not None and a == b)
     report = write_report(results, workdir, cluster_seconds, time.time() - start)
     print(open(report).read())
     return 0 if all(all(r["checks"].values()) for r in results) else 1
