@@ -286,30 +286,32 @@ UPSTREAM_RAY_ENV_VARS = (
 )
 
 
-def install_for_training(args) -> list:
-    """Everything the driver needs before upstream's train(args): patches, vLLM pipeline parallel
-    and, on a machine without CUDA, the CPU mode (cpu_compat: changed options, Ray started or joined
-    with every worker prepared for CPU). Returns what the CPU mode did, one line each."""
+def install_for_training(args, ray_driver: bool = False) -> list:
+    """Everything a driver needs before training: the patches and vLLM pipeline parallel. With
+    `ray_driver` (the Ray CLI, before upstream's train(args)) on a machine without CUDA, also the CPU
+    mode: changed options, CPU engines, Ray started or joined with every worker prepared for CPU.
+    The single-process backend passes no `ray_driver` and starts no Ray. Returns what the CPU mode
+    did, one line each."""
     import os
 
-    cpu = not cpu_compat.has_cuda()
-    if not cpu and getattr(args.vllm, "check_weight_sync", False):
+    cpu_ray = ray_driver and not cpu_compat.has_cuda()
+    if ray_driver and not cpu_ray and getattr(args.vllm, "check_weight_sync", False):
         raise ValueError("--vllm.check_weight_sync is only implemented for CPU runs (vLLM on CPU with SAPO's gloo weight "
                          "sync); drop it on a GPU machine")
     apply_patches()
     from .trainer.ray.vllm_engine import apply_pipeline_parallel
 
     notes = []
-    if cpu:  # a GPU machine skips all of this: upstream's options and its own ray.init
+    if cpu_ray:  # a GPU machine skips all of this: upstream's options and its own ray.init
         notes += cpu_compat.adapt_ray_args_for_cpu(args)  # idempotent: the CLI applied them before validation
-    apply_pipeline_parallel(args, cpu=cpu)
-    if cpu and args.vllm.num_engines and args.data.max_images_per_prompt > 0:
+    apply_pipeline_parallel(args, cpu=cpu_ray)
+    if cpu_ray and args.vllm.num_engines and args.data.max_images_per_prompt > 0:
         from .trainer.ray.hf_rollout_actor import make_hf_rollout_actor_class
 
         rebind("openrlhf.trainer.ray.vllm_engine", "RolloutRayActor", make_hf_rollout_actor_class())
         notes.append("rollout engines: Hugging Face generate in Ray actors (vLLM's VLMs need torchvision, which "
                      "has no build for this CPU torch)")
-    if cpu:
+    if cpu_ray:
         env = {name: os.environ.get(name, default) for name, default in UPSTREAM_RAY_ENV_VARS}
         notes.append(cpu_compat.start_or_join_ray_on_cpu(args, env))
     return notes

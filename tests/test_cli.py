@@ -454,7 +454,7 @@ def test_assertion_message_points_into_the_upstream_file(capsys):
 
 def test_main_dry_run_prints_the_config_and_starts_nothing(monkeypatch, capsys):
     calls = []
-    monkeypatch.setattr(seam, "install_for_training", lambda args: calls.append("install"), raising=False)
+    monkeypatch.setattr(seam, "install_for_training", lambda args, **kw: calls.append("install"), raising=False)
     monkeypatch.setattr(seam, "upstream", lambda module, attribute: calls.append("train"))
     cli.main([*SAPO, "--dry-run"])
     out = capsys.readouterr().out
@@ -466,7 +466,7 @@ def test_main_dry_run_prints_the_config_and_starts_nothing(monkeypatch, capsys):
 
 def test_main_installs_sapo_then_runs_upstream_train(monkeypatch):
     calls = []
-    monkeypatch.setattr(seam, "install_for_training", lambda args: calls.append(("install", args)) or [], raising=False)
+    monkeypatch.setattr(seam, "install_for_training", lambda args, **kw: calls.append(("install", args, kw)) or [], raising=False)
     trains = []
 
     def fake_upstream(module, attribute):
@@ -476,7 +476,7 @@ def test_main_installs_sapo_then_runs_upstream_train(monkeypatch):
     monkeypatch.setattr(seam, "upstream", fake_upstream)
     cli.main(SAPO)
     assert trains == [("openrlhf.cli.train_ppo_ray", "train")]
-    assert [name for name, _ in calls] == ["install", "train"]
+    assert [call[0] for call in calls] == ["install", "train"] and calls[0][2] == {"ray_driver": True}
     assert calls[0][1] is calls[1][1] and calls[1][1].algo.advantage.estimator == "sapo"
     assert calls[1][1].critic.model_name_or_path == "rm"
 

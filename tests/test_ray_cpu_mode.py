@@ -120,7 +120,7 @@ def test_check_weight_sync_is_refused_on_a_gpu_machine(monkeypatch):
                    "--vllm.check_weight_sync"])
     monkeypatch.setattr(cpu_compat, "has_cuda", lambda: True)
     with pytest.raises(ValueError, match="only implemented for CPU runs"):
-        seam.install_for_training(args)
+        seam.install_for_training(args, ray_driver=True)
 
 
 def test_seed_from_strategy_fixes_the_prompt_order():
@@ -137,3 +137,11 @@ def test_seed_from_strategy_fixes_the_prompt_order():
     seam.seed_from_strategy((), {"strategy": types.SimpleNamespace(args=types.SimpleNamespace(
         train=types.SimpleNamespace(seed=8)))})
     assert torch.randperm(100).tolist() != orders[0]
+
+
+def test_the_single_process_backend_starts_no_ray():
+    import ray
+
+    args = parsed(["--actor.model_name_or_path", "m", "--reward.remote_url", "r.py", "--data.prompt_dataset", "d"])
+    assert seam.install_for_training(args) == []  # no ray_driver: patches only
+    assert not ray.is_initialized()

@@ -573,7 +573,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     upstream_main().use_modelscope(args)
     from openrlhf_sapo.seam import install_for_training
 
-    for note in install_for_training(args):
+    for note in install_for_training(args, ray_driver=True):
         print(f"[openrlhf_sapo] CPU mode (no CUDA device): {note}", flush=True)
     seam.upstream(UPSTREAM_MODULE, "train")(args)
 
