@@ -282,8 +282,8 @@ def start_or_join_ray_on_cpu(args, env_vars: dict) -> str:
     needed = ray_gpus_needed(args)
     # No zero-copy tensors: a tensor fetched from Ray's object store is then a view of shared memory that
     # every reader on the node maps; on a GPU each reader copies it to its device first, on CPU `.to("cpu")`
-    # keeps the view, and an in-place change by one reader reaches the others (NaN critic values in about
-    # one text run in three before this, none since; see the README's known issue for what remains).
+    # keeps the view, and an in-place change by one reader reaches the others (a suspect for the NaN of
+    # the README's known issue; turning it off did not remove that).
     env_vars = dict(env_vars, RAY_ENABLE_ZERO_COPY_TORCH_TENSORS="0")
     runtime_env = {"env_vars": env_vars, "worker_process_setup_hook": RAY_WORKER_SETUP_HOOK}
     address = canonicalize_bootstrap_address(None)
