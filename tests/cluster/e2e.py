@@ -16,7 +16,7 @@ One cluster (tests/cluster/harness.py: two network namespaces, 1 declared GPU pe
 The scripts are scaled down only through their documented variables (MODEL_PATH, TRAIN_DATA,
 NNODES, GPUS_PER_NODE, VLLM_PP, SAVE_STEPS, ...) and extra flags (batch sizes, lengths, steps,
 --vllm.check_weight_sync; the reference model is dropped with --algo.kl.init_coef 0 except in the
-first run; every run uses --ds.zero_stage 2, see ZERO). Each run is checked as a user would check it (see `check_run`); the report
+first run; every run trains with the scripts' ZeRO-3). Each run is checked as a user would check it (see `check_run`); the report
 (runs/e2e/report.md, with results.json) has per run the mode, steps, seconds per step and the
 checks, plus SAPO vs PPO seconds per step (geo3k-sapo / geo3k-ppo, the same model, batch and seed)
 and the same-seed first-step comparison. Exit status 1 if any check failed; 77 (skipped) with the
@@ -67,28 +67,25 @@ def scaled_flags(steps: int, prompts_per_step: int = 8, max_len: int = 64) -> Li
 
 
 NO_REF = ["--algo.kl.init_coef", "0"]
-# Every run trains with ZeRO-2 (2 ranks, one per node): with the scripts' ZeRO-3 on CPU about every
-# second run here starts with NaN critic values or entropies (README: "Known issue"; issue 12 stays open).
-ZERO = ["--ds.zero_stage", "2"]
 
 
 def runs() -> List[Run]:
     text = dict(NNODES="2", GPUS_PER_NODE="1")
     vlm = dict(NNODES="2", GPUS_PER_NODE="1")
     return [
-        Run("text-sapo-job", "text/sapo.sh", "ray job submit, vLLM x2, ZeRO-2 2 ranks, colocated, with reference",
-            env=text, flags=scaled_flags(2) + ZERO, sapo=True, submit=True),
+        Run("text-sapo-job", "text/sapo.sh", "ray job submit, vLLM x2, ZeRO-3 2 ranks, colocated, with reference",
+            env=text, flags=scaled_flags(2), sapo=True, submit=True),
         Run("text-sapo-pp2", "text/sapo.sh", "vLLM pipeline parallel 2 (2 stages; mp executor on CPU), colocated",
-            env=dict(text, VLLM_PP="2"), flags=scaled_flags(2) + NO_REF + ZERO, sapo=True),
+            env=dict(text, VLLM_PP="2"), flags=scaled_flags(2) + NO_REF, sapo=True),
         Run("text-sapo-async", "text/sapo.sh", "async (--train.async_enable), 1 actor rank",
-            env=dict(NNODES="1", GPUS_PER_NODE="1"), flags=scaled_flags(2) + NO_REF + ZERO + ["--train.async_enable"],
+            env=dict(NNODES="1", GPUS_PER_NODE="1"), flags=scaled_flags(2) + NO_REF + ["--train.async_enable"],
             sapo=True, ranks_on_both_nodes=False),
-        Run("geo3k-sapo", "geo3k/sapo.sh", "VLM + VLM critic, HF engines, ZeRO-2, kill -9 after step 2, resumed",
-            env=vlm, flags=scaled_flags(4, max_len=128) + NO_REF + ZERO, steps=4, sapo=True),
-        Run("geo3k-ppo", "geo3k/ppo.sh", "VLM + VLM critic, HF engines, ZeRO-2", env=vlm,
-            flags=scaled_flags(4, max_len=128) + NO_REF + ZERO, steps=4),
-        Run("geo3k-grpo", "geo3k/grpo.sh", "VLM, group baseline (no critic), HF engines, ZeRO-2", env=vlm,
-            flags=scaled_flags(2, max_len=128) + NO_REF + ZERO, critic=False),
+        Run("geo3k-sapo", "geo3k/sapo.sh", "VLM + VLM critic, HF engines, ZeRO-3, kill -9 after step 2, resumed",
+            env=vlm, flags=scaled_flags(4, max_len=128) + NO_REF, steps=4, sapo=True),
+        Run("geo3k-ppo", "geo3k/ppo.sh", "VLM + VLM critic, HF engines, ZeRO-3", env=vlm,
+            flags=scaled_flags(4, max_len=128) + NO_REF, steps=4),
+        Run("geo3k-grpo", "geo3k/grpo.sh", "VLM, group baseline (no critic), HF engines, ZeRO-3", env=vlm,
+            flags=scaled_flags(2, max_len=128) + NO_REF, critic=False),
     ]
 
 
@@ -236,34 +233,11 @@ def driver_pid(proc: subprocess.Popen) -> Optional[int]:
     return int(out[0]) if out else None
 
 
-def known_flake(log: str) -> Optional[str]:
-    """The intermittent ZeRO-3 failure on CPU (see the README's CPU specifics): NaN model outputs or
-    non-finite weights from the first step, caught by SAPO's own checks."""
-    for marker in ("contains NaN or inf on valid", "weights are not finite", "weight sync check failed"):
-        if os.path.exists(log) and log_lines(log, marker):
-            return marker
-    return None
-
-
-def execute_with_retry(cluster: Cluster, run: Run, assets, workdir: str, timeout: float) -> Dict:
-    """One attempt; a second one only after the known ZeRO-3 flake, reported as such."""
-    result = execute(cluster, run, assets, workdir, timeout, attempt=1)
-    logs = [os.path.join(REPO, result[key]) for key in ("log", "resume_log") if key in result]
-    flake = None if all(result["checks"].values()) else next(filter(None, map(known_flake, logs)), None)
-    if flake:
-        time.sleep(5)
-        retried = execute(cluster, run, assets, workdir, timeout, attempt=2)
-        retried["first_attempt"] = f"failed with the known ZeRO-3 CPU flake ({flake!r}); log {result['log']}"
-        return retried
-    return result
-
-
-def execute(cluster: Cluster, run: Run, assets, workdir: str, timeout: float, attempt: int = 1) -> Dict:
+def execute(cluster: Cluster, run: Run, assets, workdir: str, timeout: float) -> Dict:
     env = run_env(run, assets, workdir)
-    suffix = "" if attempt == 1 else f"-attempt{attempt}"
     for sub in ("tb", "ckpt"):
         subprocess.run(["rm", "-rf", os.path.join(workdir, sub, run.name)], check=True)
-    log = os.path.join(workdir, "logs", f"{run.name}{suffix}.log")
+    log = os.path.join(workdir, "logs", f"{run.name}.log")
     tb_dir = os.path.join(workdir, "tb", run.name)
     started = time.time()
     result = {"name": run.name, "script": run.script, "mode": run.mode, "log": os.path.relpath(log, REPO)}
@@ -337,8 +311,6 @@ def write_report(results: List[Dict], workdir: str, cluster_seconds: float, tota
     lines += ["", "## Checks", ""]
     for r in results:
         lines.append(f"- **{r['name']}**: " + "; ".join(f"{'PASS' if v else 'FAIL'} {k}" for k, v in r["checks"].items()))
-        if r.get("first_attempt"):
-            lines.append(f"  - first attempt {r['first_attempt']}; the line above is the second attempt")
     sapo, ppo = by_name.get("geo3k-sapo"), by_name.get("geo3k-ppo")
     if sapo and ppo:
         lines += ["", "## SAPO vs PPO (benchmark, not a test)", ""]
@@ -383,7 +355,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         cluster_seconds = time.time() - start
         for run in selected:
             print(f"[e2e] {run.name}: {run.mode} ...", flush=True)
-            result = execute_with_retry(cluster, run, assets, workdir, args.timeout)
+            result = execute(cluster, run, assets, workdir, args.timeout)
             failed = [k for k, v in result["checks"].items() if not v]
             print(f"[e2e] {run.name}: {result['seconds']:.0f} s, {'FAILED ' + str(failed) if failed else 'ok'}",
                   flush=True)
