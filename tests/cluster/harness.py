@@ -283,8 +283,13 @@ class Cluster:
         ray = os.path.join(os.path.dirname(sys.executable), "ray")
         log = os.path.join(self.workdir, f"ray-{node.name}.log")
         out = open(log, "ab")
+        # A worker node gets its own PID namespace too, as on a machine of its own: Ray finds "the local
+        # node" of a process that connects by scanning the process table for raylets (and prefers a head
+        # it sees), so without it a driver started on the worker node (e.g. vLLM's engine core, which
+        # spawns the Ray executor's workers) would take the head for its node.
+        own_pids = [] if node.name == "head" else ["unshare", "--pid", "--fork", "--mount-proc"]
         proc = subprocess.Popen(
-            ["ip", "netns", "exec", node.namespace, ray, "start", "--node-ip-address", node.address,
+            ["ip", "netns", "exec", node.namespace, *own_pids, ray, "start", "--node-ip-address", node.address,
              "--temp-dir", node.temp_dir, *args],
             stdout=out, stderr=subprocess.STDOUT, env=self.node_env(), cwd=REPO, start_new_session=True)
         out.close()

@@ -57,14 +57,18 @@ class SegmentActorPPOTrainer(ActorPPOTrainer):
         if not all(math.isfinite(sent[key]) for key in ("sum", "sum_sq")):
             raise RuntimeError(f"weight sync check: the actor's weights are not finite ({sent}): training diverged")
         received = ray.get([engine.last_sync_checksum.remote() for engine in self.vllm_engines])
+        nodes = set()
         for i, workers in enumerate(received):
             for worker in workers if isinstance(workers, list) else [workers]:
+                nodes.add((worker or {}).get("node"))
                 ok = worker is not None and worker["count"] == sent["count"] and all(
                     abs(worker[key] - sent[key]) <= 1e-9 * max(1.0, abs(sent[key])) for key in ("sum", "sum_sq"))
                 if not ok:
                     raise RuntimeError(f"weight sync check failed: engine {i} loaded {worker}, the actor holds {sent}")
+        where = " ".join(sorted(n for n in nodes if n)) or "unknown"
         print(f"[openrlhf_sapo] weight sync check: {len(received)} engines hold the actor's weights "
-              f"(count {sent['count']}, sum {sent['sum']:.9g}, sum_sq {sent['sum_sq']:.9g})", flush=True)
+              f"(count {sent['count']}, sum {sent['sum']:.9g}, sum_sq {sent['sum_sq']:.9g}); "
+              f"engine workers on nodes {where}", flush=True)
         return sent
 
     def training_step(self, experience, *args, **kwargs):

@@ -142,10 +142,6 @@ def make_rollout_actor_class(pipeline_parallel_size: int, cpu: bool = False):
                 )
             engine = {**kwargs, "tensor_parallel_size": gpus // pp, "pipeline_parallel_size": pp,
                       **cls.cpu_engine_kwargs}
-            if cls.cpu_engine_kwargs and gpus > 1:
-                # vLLM on CPU has no Ray executor (its platform declares no Ray device): the engine's workers
-                # run as its own processes on the engine actor's node, one OpenMP thread set per worker.
-                engine["distributed_executor_backend"] = "mp"
             return engine
 
         async def __init__(self, *args, **kwargs):

@@ -78,4 +78,9 @@ class WorkerWrap(UpstreamWorkerWrap):
             self._sync_loaded = None
 
     def last_sync_checksum(self) -> dict:
-        return getattr(self, "_last_sync_checksum", None)
+        """What this worker loaded in the last sync, and the Ray node it runs on (None outside Ray)."""
+        import ray
+
+        checksum = getattr(self, "_last_sync_checksum", None)
+        node = ray.util.get_node_ip_address() if ray.is_initialized() else None
+        return None if checksum is None else dict(checksum, node=node)
