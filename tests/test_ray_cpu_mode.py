@@ -144,3 +144,34 @@ def test_the_single_process_backend_starts_no_ray():
     args = parsed(["--actor.model_name_or_path", "m", "--reward.remote_url", "r.py", "--data.prompt_dataset", "d"])
     assert seam.install_for_training(args) == []  # no ray_driver: patches only
     assert not ray.is_initialized()
+
+
+def test_vllm_plugin_is_registered_and_acts_only_in_a_cpu_ray_job(monkeypatch):
+    """vLLM calls the plugin in every process it starts (its engine core too, which no Ray hook
+    reaches); it gives vLLM's CPU platform the declared "GPU" resource only in a CPU-mode job."""
+    from importlib.metadata import entry_points
+
+    from vllm.platforms.cpu import CpuPlatform
+
+    assert "openrlhf_sapo.utils.cpu_compat:vllm_plugin" in {
+        ep.value for ep in entry_points(group="vllm.general_plugins")}
+    cpu_compat.require_vllm_plugin()  # installed with the package: no error
+    monkeypatch.setattr(CpuPlatform, "ray_device_key", "")
+    monkeypatch.delenv(cpu_compat.CPU_RAY_ENV, raising=False)
+    cpu_compat.vllm_plugin()
+    assert CpuPlatform.ray_device_key == ""  # not a CPU-mode job: vLLM untouched
+    monkeypatch.setenv(cpu_compat.CPU_RAY_ENV, "1")
+    cpu_compat.vllm_plugin()
+    assert CpuPlatform.ray_device_key == "GPU"
+
+
+def test_patched_torch_functions_are_distinct_objects():
+    """torch.compile in vLLM's workers refuses one function object standing for two torch functions."""
+    import torch
+
+    cpu_compat.patch_distributed_for_cpu()
+    try:
+        patched = [torch.cuda.set_device, torch.cuda.synchronize, torch.cuda.current_stream]
+        assert len({id(f) for f in patched}) == 3
+    finally:
+        cpu_compat.restore_distributed()

@@ -59,7 +59,9 @@ Why the rest of upstream is then right, read in vLLM 0.29.0 and openrlhf 0.11.2:
   the PP=2 engine generates exactly what a PP=1 engine with those weights generates.
 - Nothing new to install: an engine with P > 1 runs on the same vLLM Ray executor that upstream
   already uses for TP > 1 (`RayExecutorV2` by default; its stages talk over vLLM's own
-  pipeline-parallel process group).
+  pipeline-parallel process group). Also on CPU (the CPU mode of the Ray path), where
+  `utils/cpu_compat.vllm_plugin` lets vLLM's CPU platform take the declared GPUs: `make e2e` runs a
+  PP=2 engine with one stage on each node of a 2-node cluster and checks the weight sync into both.
 """
 
 from __future__ import annotations
@@ -147,6 +149,8 @@ def make_rollout_actor_class(pipeline_parallel_size: int, cpu: bool = False):
         async def __init__(self, *args, **kwargs):
             engine = self.engine_parallel_kwargs(kwargs)
             if self.cpu_engine_kwargs and engine["tensor_parallel_size"] * engine["pipeline_parallel_size"] > 1:
+                # vLLM's CPU worker binds its OpenMP threads to entry `local_rank` of this list (the
+                # workers run under vLLM's Ray executor, see cpu_compat.vllm_plugin).
                 cpus = sorted(os.sched_getaffinity(0))
                 workers = engine["tensor_parallel_size"] * engine["pipeline_parallel_size"]
                 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND",
