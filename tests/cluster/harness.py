@@ -5,7 +5,8 @@ process runs inside a namespace that holds only loopback and the pair's test add
 (10.77.0.1 head, 10.77.0.2 worker; the interface is `sapo0` on both sides, so one
 GLOO_SOCKET_IFNAME serves DeepSpeed's gloo groups on every node). Each node is a `ray start
 --block` with declared GPUs and CPUs (OpenRLHF places one "GPU" per rank and engine; nothing
-calls CUDA on a machine without one).
+calls CUDA on a machine without one). The worker node also has its own PID namespace, so that
+Ray's process-table scan finds only that node's raylet there (see `_spawn_ray`).
 
     with Cluster(workdir) as cluster:           # creates, starts, waits; always tears down
         proc = cluster.popen(["bash", "examples/scripts/text/sapo.sh", ...], log="run.log")
