@@ -46,7 +46,7 @@ def check_float(x: torch.Tensor, name: str, mask: torch.Tensor, finite: bool = T
         )
     if x.device != mask.device:
         raise ValueError(f"{name} is on {x.device} but action_mask is on {mask.device}; move them to one device")
-    x = x.float()
+    x = x.to(torch.promote_types(x.dtype, torch.float32))  # float64 stays float64, as in torch ops
     # Fast path, one reduction: a finite sum proves every element finite (NaN or inf would
     # propagate); only a non-finite sum (or an overflow) pays for the element-wise check.
     if finite and not bool(torch.isfinite(x.sum())):

@@ -82,7 +82,7 @@ def sapo_policy_loss(
     """Token-mean clipped surrogate with the segment geometric-mean ratio s_m.
 
     The gradient reaches every token of a segment through the mean. `ratio="token"` is the
-    naive-IS ablation, `ratio="sequence"` GSPO's ratio. Returns a float32 scalar.
+    naive-IS ablation, `ratio="sequence"` GSPO's ratio. Returns a float32 scalar (float64 for float64 input).
     """
     check_choice(ratio, "ratio", LOG_RATIOS)
     mask = check_mask(action_mask)

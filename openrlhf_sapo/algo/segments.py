@@ -46,9 +46,9 @@ def to_tokens(seg_x: torch.Tensor, seg_ids: torch.Tensor) -> torch.Tensor:
     return seg_x.gather(1, seg_ids)
 
 
-def segment_lengths(seg_ids: torch.Tensor) -> torch.Tensor:
+def segment_lengths(seg_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Segment-space float count of valid tokens per segment (0 past the row's last segment)."""
-    return segment_sum(torch.ones(seg_ids.shape, device=seg_ids.device), seg_ids)
+    return segment_sum(torch.ones(seg_ids.shape, device=seg_ids.device, dtype=dtype), seg_ids)
 
 
 class SegmentAverage(torch.autograd.Function):
@@ -61,7 +61,7 @@ class SegmentAverage(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, seg_ids: torch.Tensor) -> torch.Tensor:
-        inv_length = segment_lengths(seg_ids).clamp_(min=1).reciprocal_()
+        inv_length = segment_lengths(seg_ids, x.dtype).clamp_(min=1).reciprocal_()
         ctx.save_for_backward(seg_ids, inv_length)
         return to_tokens(segment_sum(x, seg_ids).mul_(inv_length), seg_ids)
 
