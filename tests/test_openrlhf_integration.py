@@ -204,6 +204,19 @@ def test_sapo_maker_equals_the_algorithm(seed):
     torch.testing.assert_close(torch.cat([e.advantages.flatten() for e in experiences]), whitened)
 
 
+def test_whitened_advantages_own_their_storage():
+    """Each experience goes to the actor workers as one Ray object: a view into the batch's whitened
+    tensor would pickle the whole batch with every chunk."""
+    import pickle
+
+    experiences = [make_experience(20 + i, n=4, max_resp=64, first_index=4 * i) for i in range(8)]
+    maker = make_maker(SegmentExperienceMaker, make_args("sapo"))
+    maker.compute_advantages_and_returns(experiences)
+    own_bytes = experiences[0].advantages.numel() * experiences[0].advantages.element_size()
+    pickled = len(pickle.dumps(experiences[0].advantages))
+    assert pickled < own_bytes + 1024, f"{pickled} bytes pickled for {own_bytes} bytes of advantages"
+
+
 @pytest.mark.parametrize("estimator,n", [("gae", 1), ("group_norm", 2), ("rloo", 2), ("reinforce_baseline", 2)])
 def test_other_estimators_are_bit_identical_to_upstream(estimator, n):
     experiences = [make_experience(3, n=4, with_segments=False), make_experience(4, n=4, with_segments=False, first_index=4)]
@@ -334,6 +347,76 @@ def test_segment_loss_refuses_gspo_and_missing_segments():
     torch.testing.assert_close(token(x, x, x + 1, action_mask=torch.ones(1, 3))[0], torch.tensor(-1.0))
 
 
+def test_segment_loss_copies_every_option_of_the_configured_loss():
+    """Each argument of upstream's PolicyLoss, set to a value other than its default, reaches SAPO's loss."""
+    import inspect
+
+    params = {n: p for n, p in inspect.signature(PolicyLoss.__init__).parameters.items() if n != "self"}
+    base = {"clip_eps_low": 0.1, "clip_eps_high": 0.3, "dual_clip": 2.5, "token_level_loss": False, "policy_loss_type": "ppo"}
+    configurations = [  # two, since upstream refuses some combinations of the IS-correction options
+        {**base, "is_correction_level": "seq", "is_correction_mode": "mask", "is_correction_gating": "binary_kl",
+         "is_correction_threshold": (0.0, 0.05)},
+        {**base, "is_correction_level": "token", "is_correction_mode": "clip", "is_correction_gating": "ratio",
+         "is_correction_threshold": (0.3, 3.0)},
+    ]
+    assert all(set(params) == set(c) for c in configurations), "upstream's PolicyLoss changed its arguments: extend this test"
+    changed = set()
+    for options in configurations:
+        sapo = SegmentPolicyLoss.like(PolicyLoss(**options), ratio="token")
+        assert {n: getattr(sapo, n) for n in params} == options and sapo.ratio == "token"
+        changed |= {n for n in params if params[n].default != options[n]}
+    assert changed == set(params) - {"policy_loss_type"}  # every option but the loss type was set off its default
+
+
+@pytest.mark.parametrize("level,mode,gating", [("token", "mask", "ratio"), ("token", "clip", "ratio"),
+                                               ("seq", "mask", "ratio"), ("token", "mask", "tv")])
+def test_is_correction_weights_the_segment_surrogate_per_token(level, mode, gating):
+    """SAPO with vLLM IS correction, multi-token segments: the segment ratio s_m replaces the token ratio
+    in the clipped surrogate; upstream's correction weight (from old vs rollout log-probs, which SAPO
+    leaves alone) then multiplies each token's loss, as it multiplies PPO's (README, paper vs code)."""
+    exp = make_experience(13, n=4)
+    mask, old = exp.action_mask, exp.action_log_probs
+    g = torch.Generator().manual_seed(1)
+    new = (old + 0.3 * torch.randn(old.shape, generator=g)).requires_grad_()
+    rollout = old + 0.4 * torch.randn(old.shape, generator=g)
+    adv = torch.randn(old.shape, generator=g)
+    threshold = (0.0, 0.2) if gating == "tv" else (0.7, 1.4)
+    kw = dict(clip_eps_low=0.2, clip_eps_high=0.28, dual_clip=3.0, is_correction_level=level,
+              is_correction_mode=mode, is_correction_gating=gating, is_correction_threshold=threshold)
+    ends = exp.segment_ends
+    assert (mask.sum(1) > ends.sum(1)).any()  # some segment has several tokens
+    loss = SegmentPolicyLoss(**kw)
+    with loss.segments(ends):
+        ours, clip_ratio, ppo_kl, vllm_kl, filtered = loss(new, old, adv, action_mask=mask, rollout_log_probs=rollout)
+    assert vllm_kl is not None and filtered is not None
+
+    # The reference: the segment ratio from tests/reference_sapo's definition, upstream's weight by hand.
+    seg_id = torch.cumsum(torch.nn.functional.pad(ends.long(), (1, 0))[:, :-1], 1)
+    log_ratio = (new - old).clamp(-20, 20) * mask
+    seg_sum = torch.zeros(mask.shape[0], mask.shape[1] + 1).scatter_add(1, seg_id, log_ratio)
+    seg_len = torch.zeros(mask.shape[0], mask.shape[1] + 1).scatter_add(1, seg_id, mask.float())
+    ratio = (seg_sum / seg_len.clamp(min=1)).gather(1, seg_id).exp()
+    surrogate = -torch.min(ratio * adv, ratio.clamp(0.8, 1.28) * adv)
+    surrogate = torch.where(adv < 0, torch.min(surrogate, -3.0 * adv), surrogate)
+    is_log = old - rollout
+    if gating == "tv":
+        stat = (rollout.exp().clamp(1e-6, 1 - 1e-6) - old.exp().clamp(1e-6, 1 - 1e-6)).abs()
+    else:
+        stat = is_log.exp()
+    if level == "seq":
+        stat = ((is_log * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True)).exp()
+    low, high = threshold
+    if mode == "clip":
+        weight = stat.clamp(low, high)
+    else:
+        weight = torch.where((stat >= low) & (stat <= high), is_log.exp(), torch.zeros_like(stat))
+    expected = (surrogate * weight * mask).sum() / mask.sum()
+    torch.testing.assert_close(ours, expected)
+    torch.testing.assert_close(torch.autograd.grad(ours, new)[0], torch.autograd.grad(expected, new)[0])
+    # ppo_kl: the token mean of the segment means is the token mean of the token log-ratios
+    torch.testing.assert_close(ppo_kl, -(log_ratio.sum() / mask.sum()).detach())
+
+
 def test_actor_trainer_hands_each_micro_batch_its_segments(monkeypatch):
     seen = []
     ActorPPOTrainer = seam.upstream("openrlhf.trainer.ray.ppo_actor", "ActorPPOTrainer")
@@ -384,6 +467,22 @@ def test_critic_worker_buffers_boundary_masked_experiences(fake_cuda_index):
     worker.trainer.replay_buffer.clear()
     worker.append(copy.deepcopy(exp))
     assert sum(i.action_mask.sum() for i in worker.trainer.replay_buffer.items) == exp.action_mask.sum()
+
+
+def test_critic_worker_leaves_a_shared_experience_alone(fake_cuda_index):
+    """The single-process backend hands the actor and the critic the same experience object."""
+    class Base:
+        def append(self, experience):
+            self.trainer.replay_buffer.append(experience)
+
+    worker = type("Worker", (SapoCriticModelActorMixin, Base), {})()
+    worker.trainer = SimpleNamespace(args=make_args("sapo"), replay_buffer=NaiveReplayBuffer(2, cpu_offload=True))
+    shared = make_experience(12)
+    mask, info = shared.action_mask.clone(), dict(shared.info)
+    worker.append(shared)
+    assert torch.equal(shared.action_mask, mask) and shared.info == info  # the actor's view is unchanged
+    buffered = sum(item.action_mask.sum() for item in worker.trainer.replay_buffer.items)
+    assert buffered == shared.segment_ends.sum() < mask.sum()
 
 
 # ---------------------------------------------------------------- the whole experience step

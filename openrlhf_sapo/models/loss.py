@@ -7,7 +7,9 @@ so upstream computes exp(mean) = the segment's geometric-mean ratio s_m (paper E
 It does that by handing upstream `old_log_probs + segment_mean(clamped log-ratio)` as the new
 log-probs: differentiable through the segment mean, and since a mean of values in [-20, 20]
 stays there, upstream's own clamp is then a no-op. The token mean of the segment means equals
-the token mean of the log-ratios, so upstream's `ppo_kl` metric is unchanged.
+the token mean of the log-ratios, so upstream's `ppo_kl` metric is unchanged. vLLM IS correction
+(`--algo.advantage.is_correction_*`) reads only the old and the rollout log-probs, so its weight
+(per token, or per sequence) multiplies each token's segment surrogate as it multiplies PPO's.
 
 The segment ends of the current micro-batch come in through `segments(...)`, set by the
 actor trainer around its training step (upstream's call site passes no extra tensors).
@@ -16,12 +18,14 @@ actor trainer around its training step (upstream's call site passes no extra ten
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Optional
 
 import torch
 
 from ..algo import segment_log_ratio
 from ..algo.losses import LOG_RATIO_CLAMP
+from .. import OPENRLHF_VERSION, seam
 from ..seam import upstream
 
 PolicyLoss = upstream("openrlhf.models.loss", "PolicyLoss")
@@ -44,19 +48,19 @@ class SegmentPolicyLoss(PolicyLoss):
 
     @classmethod
     def like(cls, loss: PolicyLoss, ratio: str = "segment") -> "SegmentPolicyLoss":
-        """A SegmentPolicyLoss with every setting of an upstream PolicyLoss."""
-        return cls(
-            clip_eps_low=loss.clip_eps_low,
-            clip_eps_high=loss.clip_eps_high,
-            dual_clip=loss.dual_clip,
-            token_level_loss=loss.token_level_loss,
-            policy_loss_type=loss.policy_loss_type,
-            is_correction_level=loss.is_correction_level,
-            is_correction_mode=loss.is_correction_mode,
-            is_correction_gating=loss.is_correction_gating,
-            is_correction_threshold=loss.is_correction_threshold,
-            ratio=ratio,
-        )
+        """A SegmentPolicyLoss with every setting of an upstream PolicyLoss: each argument of upstream's
+        constructor is read back from the attribute of the same name, so an option upstream adds is
+        carried over (or refused here, naming it) rather than silently reset to its default."""
+        settings = {}
+        for name in inspect.signature(PolicyLoss.__init__).parameters:
+            if name == "self":
+                continue
+            if not hasattr(loss, name):
+                raise seam.UpstreamMismatch(
+                    f"OpenRLHF's PolicyLoss takes `{name}` but does not keep it as an attribute, so SAPO's loss cannot "
+                    f"copy it; openrlhf_sapo expects openrlhf=={OPENRLHF_VERSION} (models/loss.py SegmentPolicyLoss.like)")
+            settings[name] = getattr(loss, name)
+        return cls(**settings, ratio=ratio)
 
     @contextlib.contextmanager
     def segments(self, segment_ends: Optional[torch.Tensor]):

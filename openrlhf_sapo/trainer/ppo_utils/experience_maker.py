@@ -202,8 +202,9 @@ class SegmentExperienceMaker(RemoteExperienceMaker):
             whitened = whitened.clamp(-clamp, clamp) if clamp else whitened
         else:
             whitened = masked_whiten(flat, mask, clamp=clamp)
+        # clone: a view would keep the whole batch's storage, and pickling it (Ray) ships all of it
         for experience, chunk in zip(experiences, whitened[0].split([e.advantages.numel() for e in experiences])):
-            experience.advantages = chunk.view_as(experience.advantages)
+            experience.advantages = chunk.view_as(experience.advantages).clone()
 
 
 def mask_vision_tokens_in_responses(samples, vision_ids: set, pad_id: int) -> int:

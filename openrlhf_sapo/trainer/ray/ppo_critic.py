@@ -1,9 +1,8 @@
 """SAPO's critic side (the counterpart of openrlhf/trainer/ray/ppo_critic.py).
 
 - Boundary critic (paper Eq. 10): the critic is trained where segment values are read
-  (segment ends, or starts with `--algo.sapo.value_at start`). The critic worker's copy of
-  each experience gets that boundary mask as its action_mask before it enters the replay
-  buffer, so upstream's ValueLoss, its global token normalisation (also across DP ranks and
+  (segment ends, or starts with `--algo.sapo.value_at start`). The critic worker buffers a
+  copy of each experience with that boundary mask as its action_mask, so upstream's ValueLoss, its global token normalisation (also across DP ranks and
   dynamic batches) and its logged `values` all run over the boundary tokens. The critic's
   forward reads only the mask's width, so values still come out for every position.
 - VLM critic: the experience forward and the training step hand the critic the same
@@ -13,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 from ...algo.segments import value_read_positions
 from ...models.vlm_critic import vlm_critic_options
@@ -25,12 +25,15 @@ merge_mm_train_inputs = upstream("openrlhf.utils.vlm_utils", "merge_mm_train_inp
 
 
 def to_boundary_experience(experience, value_at: str):
-    """Replace the experience's action_mask by the tokens whose values the segment GAE read."""
+    """A copy of the experience whose action_mask holds the tokens whose values the segment GAE read.
+
+    A copy (sharing every tensor but the mask): the caller's experience may be the actor's too
+    (the single-process backend hands both workers the same object)."""
     if getattr(experience, "segment_ends", None) is None:
         raise RuntimeError("the SAPO critic got an experience without segment_ends (not made by SegmentExperienceMaker)")
     mask = experience.action_mask.bool()
-    experience.action_mask = value_read_positions(mask, experience.segment_ends.bool() & mask, value_at)
-    return experience
+    boundary = value_read_positions(mask, experience.segment_ends.bool() & mask, value_at)
+    return dataclasses.replace(experience, action_mask=boundary, info=dict(experience.info))
 
 
 class _CallWith:
