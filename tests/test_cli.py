@@ -290,7 +290,8 @@ def test_segmenter_names_and_step_pattern_match_the_algorithm():
 ])
 def test_sapo_keeps_and_defaults_the_critic_exactly_as_gae(critic_source):
     argv = ["--vllm.num_engines", "2", "--ds.packing_samples", "--ds.ring_attn_size", "2", *critic_source]
-    _, upstream_gae = run_upstream_main([*argv, "--algo.advantage.estimator", "gae"])
+    # SAPO also takes the recipe's values of the options it was not given (test_sapo_recipe_*)
+    _, upstream_gae = run_upstream_main([*argv, "--algo.advantage.estimator", "gae", *RECIPE_FLAGS])
     sapo = cli.parse_args([*argv, "--algo.advantage.estimator", "sapo"])
     assert sapo.algo.advantage.estimator == "sapo"
     assert sapo.critic.model_name_or_path == upstream_gae.critic.model_name_or_path
@@ -308,6 +309,54 @@ def test_sapo_and_gae_on_a_vlm_keep_the_vlm_critic_where_upstream_refuses(capsys
         assert args.data.max_images_per_prompt == 1  # restored after upstream's validation
     with pytest.raises(AssertionError, match="VLM training does not support critic model"):
         run_upstream_main(with_flag(VLM_MATH_HYBRID_ENGINE, "--algo.advantage.estimator", "gae"))
+
+
+# ---------------------------------------------------------------- SAPO's recipe for options not given
+
+RECIPE_FLAGS = ["--algo.advantage.lambd", "0.99", "--actor.eps_clip_low_high", "0.2", "0.28",
+                "--actor.dual_clip", "3.0", "--algo.kl.init_coef", "0.001"]
+RECIPE_ARGV = ["--actor.model_name_or_path", "actor", "--reward.remote_url", "r.py", "--vllm.num_engines", "1"]
+
+
+def recipe_values(args):
+    return (args.algo.advantage.gamma, args.algo.advantage.lambd, list(args.actor.eps_clip_low_high),
+            args.actor.dual_clip, args.algo.kl.init_coef, args.algo.kl.estimator)
+
+
+@pytest.mark.parametrize("cli_module", ["train_ppo_ray", "train_local"])
+def test_sapo_recipe_fills_what_the_command_line_left_unset(cli_module, capsys):
+    parse = importlib.import_module(f"openrlhf_sapo.cli.{cli_module}").parse_args
+    bare = parse([*RECIPE_ARGV, "--algo.advantage.estimator", "sapo"])
+    assert recipe_values(bare) == (1.0, 0.99, [0.2, 0.28], 3.0, 0.001, "k1")
+    err = capsys.readouterr().err
+    assert "SAPO recipe: --algo.advantage.lambd 0.99 (not set; paper Table 7)" in err
+    assert "SAPO recipe: --actor.dual_clip 3.0" in err and "--actor.eps_clip_low_high 0.2 0.28" in err
+    sources = bare.algo.sapo.sources
+    assert sources["algo.advantage.lambd"] == "SAPO recipe: paper Table 7"
+    assert sources["algo.advantage.gamma"].startswith("OpenRLHF default (= SAPO recipe")
+    assert sources["algo.sapo.value_at"] == "SAPO default"
+    # Explicit values win, also when they equal upstream's default; a symmetric clip or KL as a loss is a choice.
+    chosen = parse([*RECIPE_ARGV, "--algo.advantage.estimator", "sapo", "--algo.advantage.lambd", "1",
+                    "--actor.eps_clip", "0.1", "--actor.dual_clip", "4", "--algo.kl.use_loss",
+                    "--algo.sapo.value_at", "start"])
+    assert recipe_values(chosen) == (1.0, 1.0, [0.1, 0.1], 4.0, 0.01, "k1")
+    assert chosen.algo.sapo.sources["algo.advantage.lambd"] == "command line"
+    assert chosen.algo.sapo.sources["actor.eps_clip_low_high"] == "OpenRLHF default (kept: --actor.eps_clip was set)"
+    assert chosen.algo.sapo.sources["algo.sapo.value_at"] == "command line"
+    # Other estimators keep upstream's defaults.
+    gae = parse([*RECIPE_ARGV, "--algo.advantage.estimator", "gae"])
+    assert recipe_values(gae) == (1.0, 1.0, [0.2, 0.2], None, 0.01, "k1") and not hasattr(gae.algo.sapo, "sources")
+
+
+def test_dry_run_shows_where_each_sapo_value_came_from():
+    out = subprocess.run([sys.executable, "-m", "openrlhf_sapo.cli.train_ppo_ray", *RECIPE_ARGV,
+                          "--algo.advantage.estimator", "sapo", "--algo.sapo.topk_percent", "20", "--dry-run"],
+                         capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-2000:]
+    config = json.loads(out.stdout)
+    assert config["actor"]["dual_clip"] == 3.0
+    assert config["algo"]["sapo"]["sources"]["actor.dual_clip"] == "SAPO recipe: release (dual clip 3.0)"
+    assert config["algo"]["sapo"]["sources"]["algo.sapo.topk_percent"] == "command line"
 
 
 # ---------------------------------------------------------------- rejected combinations
@@ -335,6 +384,10 @@ REJECTED = {
     "topk_zero": ([*SAPO, "--algo.sapo.topk_percent", "0"], ["--algo.sapo.topk_percent must be in (0, 100], got 0.0"]),
     "topk_above_100": ([*SAPO, "--algo.sapo.topk_percent", "100.5"], ["--algo.sapo.topk_percent must be in (0, 100]"]),
     "topk_negative": ([*BASE, "--algo.sapo.topk_percent", "-30"], ["--algo.sapo.topk_percent must be in (0, 100]"]),
+    "topk_fraction": ([*SAPO, "--algo.sapo.topk_percent", "0.3"],
+                      ["--algo.sapo.topk_percent 0.3 would end a segment at 0.3% of the tokens",
+                       "for 30% pass --algo.sapo.topk_percent 30", "--algo.sapo.allow_small_topk"]),
+    "topk_one": ([*SAPO, "--algo.sapo.topk_percent", "1"], ["for 100% pass --algo.sapo.topk_percent 100"]),
     "topk_nan": ([*SAPO, "--algo.sapo.topk_percent", "nan"], ["--algo.sapo.topk_percent must be in (0, 100]"]),
     "unknown_segmenter": ([*SAPO, "--algo.sapo.segmenter", "bogus"],
                           ["argument --algo.sapo.segmenter: invalid choice: 'bogus'",
@@ -406,7 +459,8 @@ def test_invalid_combination_is_rejected_with_its_message(name, capsys):
 
 
 def test_boundaries_are_accepted():
-    for extra in (["--algo.sapo.topk_percent", "100"], ["--algo.sapo.topk_percent", "0.5"],
+    for extra in (["--algo.sapo.topk_percent", "100"], ["--algo.sapo.topk_percent", "1.5"],
+                  ["--algo.sapo.topk_percent", "0.5", "--algo.sapo.allow_small_topk"],
                   ["--algo.sapo.adv_clip", "0"], ["--algo.advantage.lambd", "0"], ["--algo.advantage.gamma", "1"],
                   ["--algo.advantage.critic_lambd", "1"], ["--algo.sapo.lowprob_threshold", "1"]):
         cli.parse_args([*SAPO, *extra])

@@ -51,7 +51,7 @@ from types import ModuleType, SimpleNamespace
 from typing import Callable, Dict, Iterable, Optional, Sequence
 
 from openrlhf_sapo import OPENRLHF_VERSION, seam
-from openrlhf_sapo.config import SAPO_DEFAULTS
+from openrlhf_sapo.config import SAPO_DEFAULTS, SAPO_RECIPE, SAPO_RECIPE_OVERRIDDEN_BY
 
 UPSTREAM_MODULE = "openrlhf.cli.train_ppo_ray"
 UPSTREAM_CONFIG_MODULE = "openrlhf.utils.config"
@@ -109,6 +109,10 @@ ADDED_FLAGS = (
     _Flag("--algo.sapo.topk_percent", dict(type=float, default=SAPO_DEFAULTS["topk_percent"],
           help="entropy segmenter: percentage p in (0, 100] of a response's tokens that end a segment "
           "(k = max(ceil(n * p / 100), 1)); the paper uses 30.")),
+    _Flag("--algo.sapo.allow_small_topk", dict(action="store_true", default=False,
+          help="Accept --algo.sapo.topk_percent in (0, 1] as a percentage below 1%%. Without it such a value is "
+          "refused: the authors' release reads top-k values <= 1 as fractions (0.3 = 30%%), and this flag is a "
+          "percentage (30 = 30%%).")),
     _Flag("--algo.sapo.value_at", dict(type=str, default=SAPO_DEFAULTS["value_at"], choices=VALUE_AT,
           help="Where a segment's value is read: end (its last token, the authors' release) or start (its "
           "first token, the paper's state s_m).")),
@@ -406,6 +410,12 @@ def check_before_upstream(args: SimpleNamespace) -> None:
     if not (0.0 < sapo.topk_percent <= 100.0):
         raise ConfigError(f"--algo.sapo.topk_percent must be in (0, 100], got {sapo.topk_percent}: it is the "
                           "percentage of a response's tokens that end a segment (the paper uses 30)")
+    if sapo.topk_percent <= 1.0 and not sapo.allow_small_topk:
+        raise ConfigError(f"--algo.sapo.topk_percent {sapo.topk_percent:g} would end a segment at {sapo.topk_percent:g}% "
+                          "of the tokens (almost one segment per response). It is a percentage here, while the authors' "
+                          f"release reads values <= 1 as fractions: for {100 * sapo.topk_percent:g}% pass "
+                          f"--algo.sapo.topk_percent {100 * sapo.topk_percent:g}; to really use {sapo.topk_percent:g}% add "
+                          "--algo.sapo.allow_small_topk")
     if not (sapo.adv_clip >= 0.0):
         raise ConfigError(f"--algo.sapo.adv_clip must be >= 0, got {sapo.adv_clip}: advantages are clamped to "
                           "[-c, c]; pass 0 to disable the clamp (the release uses 5)")
@@ -484,6 +494,54 @@ def check_after_upstream(args: SimpleNamespace) -> None:
             f"({args.actor.model_name_or_path!r}); pass --critic.model_name_or_path or --actor.model_name_or_path")
 
 
+# ---------------------------------------------------------------- SAPO's recipe for unset options
+
+
+_UNSET = object()
+
+
+def explicit_dests(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> set:
+    """The dests the command line set (argparse fills in a default only where the namespace has no value)."""
+    probe = argparse.Namespace(**{a.dest: _UNSET for a in parser._actions if a.dest != argparse.SUPPRESS})
+    parser.parse_args(argv, namespace=probe)
+    return {dest for dest, value in vars(probe).items() if value is not _UNSET}
+
+
+def _dotted(args: SimpleNamespace, dest: str):
+    owner, _, name = dest.rpartition(".")
+    for part in owner.split("."):
+        args = getattr(args, part)
+    return args, name
+
+
+def apply_sapo_recipe(args: SimpleNamespace, given: set) -> list:
+    """For --algo.advantage.estimator sapo: each SAPO_RECIPE option the command line did not set takes the
+    recipe's value. Records every recipe and --algo.sapo.* option's source in `args.algo.sapo.sources`
+    (shown by --dry-run) and returns one note per value taken from the recipe."""
+    if args.algo.advantage.estimator != SAPO_ESTIMATOR:
+        return []
+    sources, notes = {}, []
+    for dest, (value, why) in SAPO_RECIPE.items():
+        owner, name = _dotted(args, dest)
+        overridden = [d for d in SAPO_RECIPE_OVERRIDDEN_BY.get(dest, ()) if d in given]
+        if dest in given:
+            sources[dest] = "command line"
+        elif overridden:
+            sources[dest] = f"OpenRLHF default (kept: --{overridden[0]} was set)"
+        elif getattr(owner, name) == value:
+            sources[dest] = f"OpenRLHF default (= SAPO recipe: {why})"
+        else:
+            setattr(owner, name, list(value) if isinstance(value, list) else value)
+            sources[dest] = f"SAPO recipe: {why}"
+            shown = " ".join(str(v) for v in value) if isinstance(value, list) else value
+            notes.append(f"--{dest} {shown} (not set; {why})")
+    for name in vars(args.algo.sapo):
+        dest = f"algo.sapo.{name}"
+        sources[dest] = "command line" if dest in given else "SAPO default"
+    args.algo.sapo.sources = sources
+    return notes
+
+
 @contextlib.contextmanager
 def _swapped(namespace: SimpleNamespace, name: str, value):
     old = getattr(namespace, name)
@@ -533,6 +591,8 @@ def parse_args(argv: Optional[Sequence[str]] = None,
     parser = parser or build_parser()
     flat = parser.parse_args(argv)
     args = upstream_hierarchize()(flat)
+    for note in apply_sapo_recipe(args, explicit_dests(parser, argv)):
+        print(f"[openrlhf_sapo] SAPO recipe: {note}", file=sys.stderr, flush=True)
     for note in (adapt(args) if adapt is not None and not args.dry_run else []):
         print(f"[openrlhf_sapo] CPU mode (no CUDA device): {note}", file=sys.stderr, flush=True)
     try:

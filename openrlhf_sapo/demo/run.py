@@ -104,7 +104,7 @@ def train_command(method: str, seed: int, preset: Preset, model: str, data_dir: 
         "--train.batch_size", str(train_batch), "--train.micro_batch_size", str(train_batch),
         "--train.max_epochs", "1", "--train.num_episodes", "1", "--train.seed", str(seed),
         "--actor.adam.lr", str(ACTOR_LR), "--actor.lr_warmup_ratio", "0", "--actor.lr_scheduler", "constant",
-        "--actor.eps_clip_low_high", "0.2", "0.28",
+        "--actor.eps_clip_low_high", "0.2", "0.28", "--actor.dual_clip", "3.0",  # every method, as recipe.sh
         "--ds.zero_stage", "2", "--ds.param_dtype", "fp32", "--ds.attn_implementation", "sdpa",
         "--ckpt.path", os.path.join(run_dir, "ckpt"), "--ckpt.output_dir", os.path.join(run_dir, "model"),
         "--logger.tensorboard_dir", os.path.join(run_dir, "tensorboard"),
