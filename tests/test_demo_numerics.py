@@ -56,9 +56,11 @@ def test_pinned_numerics_give_the_same_weights_on_every_machine(tmp_path):
     first = pinned["as is"]
     for name, result in pinned.items():
         assert result == first, f"pinned numerics differ on '{name}': {result} vs {first}"
-    # Control: unpinned, the same knobs give other weights, so the equality above is not vacuous.
+    # Control: unpinned, these knobs give other weights, so the equality above is not vacuous. Not every
+    # knob every time: under load MKL may drop to one thread by itself (MKL_DYNAMIC), so "as is" can
+    # equal "1 thread"; the scalar kernels always differ.
     loose = {name: _weights(tmp_path, "loose " + name, env, "loose")["warm"] for name, env in MACHINES.items()}
-    assert len(set(loose.values())) == len(MACHINES), loose
+    assert len(set(loose.values())) >= 2, loose
 
 
 def test_pinned_environment():

@@ -115,6 +115,8 @@ def actor_params(trainer) -> dict:
 @pytest.mark.parametrize("method", ["ppo", "sapo", "grpo", "gspo"])
 def test_each_estimator_trains_on_both_tasks(tasks, tmp_path, monkeypatch, method, task):
     extra = ["--algo.kl.init_coef", "0.001"] if method in ("ppo", "sapo") else []  # KL in the reward: a reference model
+    if method in ("grpo", "gspo"):
+        extra.append("--logger.policy_entropy")  # PPO runs without it: no entropy pass, as upstream
     spy = Spy(monkeypatch)
     result = train_local.train(train_local.parse_args(argv(tasks, tmp_path, task, method, *extra)))
 
@@ -128,8 +130,11 @@ def test_each_estimator_trains_on_both_tasks(tasks, tmp_path, monkeypatch, metho
     assert [r["step"] for r in evals] == [0, STEPS]  # at start, then every --eval.steps
     assert f"eval_{task}_pass1" in evals[0]
     for row in train:
-        for key in ("policy_loss", "rollout/reward_mean", "policy_entropy", "rollout/response_length_mean"):
+        for key in ("policy_loss", "rollout/reward_mean", "rollout/response_length_mean"):
             assert isinstance(row.get(key), float) and math.isfinite(row[key]), (key, row.get(key))
+        assert ("policy_entropy" in row) == (method != "ppo")
+        if method != "ppo":
+            assert math.isfinite(row["policy_entropy"]) and row["policy_entropy"] > 0
         assert ("critic_loss" in row) == (method in HAS_CRITIC)
         assert ("critic/explained_variance" in row) == (method in HAS_CRITIC)
         if method in HAS_CRITIC:

@@ -141,6 +141,10 @@ ADDED_FLAGS = (
           help="After every weight sync into vLLM, check that each engine worker loaded exactly the actor's weights "
           "(float64 sums of every tensor; a mismatch stops the run). Costs one more gather of the weights per sync. "
           "Only on CPU (SAPO's gloo sync) for now.")),
+    _Flag("--logger.policy_entropy", dict(action="store_true", default=False,
+          help="Log the rollout policy's mean entropy (policy_entropy) for every estimator: one more pass over the "
+          "experience forward's full-vocabulary logits (make bench measures it). SAPO's entropy segmenter computes "
+          "the entropy anyway and always logs it.")),
     _Flag("--dry-run", dict(action="store_true", default=False,
           help="Parse and validate everything, print the resolved (nested, validated) configuration as JSON "
           "to stdout and exit 0, without starting Ray or loading a model.")),

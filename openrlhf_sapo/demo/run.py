@@ -105,6 +105,7 @@ def train_command(method: str, seed: int, preset: Preset, model: str, data_dir: 
         "--train.max_epochs", "1", "--train.num_episodes", "1", "--train.seed", str(seed),
         "--actor.adam.lr", str(ACTOR_LR), "--actor.lr_warmup_ratio", "0", "--actor.lr_scheduler", "constant",
         "--actor.eps_clip_low_high", "0.2", "0.28", "--actor.dual_clip", "3.0",  # every method, as recipe.sh
+        "--logger.policy_entropy",  # the report plots every method's entropy (each pays the same pass)
         "--ds.zero_stage", "2", "--ds.param_dtype", "fp32", "--ds.attn_implementation", "sdpa",
         "--ckpt.path", os.path.join(run_dir, "ckpt"), "--ckpt.output_dir", os.path.join(run_dir, "model"),
         "--logger.tensorboard_dir", os.path.join(run_dir, "tensorboard"),

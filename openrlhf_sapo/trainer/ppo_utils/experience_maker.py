@@ -2,8 +2,10 @@
 
 Everything upstream does stays upstream's (model dispatch, KL, length penalties, group
 baselines, `compute_reward`); the subclass adds, for `--algo.advantage.estimator sapo`:
-  1. the actor's experience forward also returns the rollout entropy (`return_entropy`; every
-     estimator logs its mean as `policy_entropy`, only sapo keeps it in the experience);
+  1. the actor's experience forward also returns the rollout entropy (`return_entropy`) where
+     it is used: SAPO's entropy segmenter keeps it in the experience, and any estimator logs
+     its mean as `policy_entropy` with `--logger.policy_entropy` (or SAPO's entropy segmenter).
+     Otherwise the experience forward costs what upstream's does;
   2. segment ends, computed once per sample by the configured segmenter and stored with the
      experience (with segment statistics in `info`, logged like every (B,) info tensor);
   3. segment GAE in place of token GAE, then whitening over the whole batch and the
@@ -30,6 +32,11 @@ from .experience import SegmentExperience
 RemoteExperienceMaker = upstream("openrlhf.trainer.ppo_utils.experience_maker", "RemoteExperienceMaker")
 
 
+def logs_policy_entropy(args) -> bool:
+    """`--logger.policy_entropy`: log the rollout entropy for every estimator (one more full-vocabulary pass)."""
+    return bool(getattr(getattr(args, "logger", None), "policy_entropy", False))
+
+
 def sapo_options(args) -> Dict:
     """The `--algo.sapo.*` namespace as a dict (defaults when the CLI did not add it)."""
     sapo = getattr(args.algo, "sapo", None)
@@ -51,6 +58,8 @@ class SegmentExperienceMaker(RemoteExperienceMaker):
         super().__init__(*args, **kwargs)
         self.is_sapo = self.advantage_estimator == "sapo"
         self.sapo = sapo_options(self.args)
+        self.segmenter_needs_entropy = self.is_sapo and "entropy" in get_segmenter(self.sapo["segmenter"]).needs
+        self.needs_entropy = self.segmenter_needs_entropy or logs_policy_entropy(self.args)
         self._actor_refs = None
         self._entropies: Optional[List[torch.Tensor]] = None
         self._experience_by_mask: Dict[int, object] = {}
@@ -63,7 +72,7 @@ class SegmentExperienceMaker(RemoteExperienceMaker):
         if group is self.critic_model_group and self._critic_mm_inputs is not None:
             # A VLM critic sees the images too (upstream sends the critic text only).
             kwargs["mm_train_inputs_list"] = self._critic_mm_inputs
-        if group is self.actor_model_group:
+        if group is self.actor_model_group and self.needs_entropy:
             kwargs["return_entropy"] = [True] * len(kwargs["sequences"])
             self._actor_refs = super()._dispatch_forward(group, sync_condition, **kwargs)
             return self._actor_refs
@@ -91,12 +100,13 @@ class SegmentExperienceMaker(RemoteExperienceMaker):
         finally:
             self._critic_mm_inputs = None
         entropies, self._entropies = self._entropies, None
-        for experience, entropy in zip(experiences, entropies):
-            mask = experience.action_mask.bool()
-            # Every estimator logs the policy's entropy on its own samples (spec 8); only SAPO keeps it.
-            experience.info["policy_entropy"] = (entropy * mask).sum(1) / mask.sum(1).clamp(min=1)
+        for i, experience in enumerate(experiences):
+            if entropies is not None:
+                mask = experience.action_mask.bool()
+                experience.info["policy_entropy"] = (entropies[i] * mask).sum(1) / mask.sum(1).clamp(min=1)
+                if self.is_sapo:  # the segmenter's input, and the boundary-entropy statistic
+                    experience.entropy = entropies[i]
             if self.is_sapo:
-                experience.entropy = entropy
                 self.segment(experience)
         return experiences
 

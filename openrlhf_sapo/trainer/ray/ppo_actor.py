@@ -7,14 +7,13 @@
   worker loaded exactly what the actor sent (float64 sums; a mismatch raises).
 - `SapoPolicyModelActor`: upstream's PolicyModelActor whose experience forward can also
   return the rollout entropy, from the same temperature-scaled logits as the old log-probs
-  (chunk-wise: models/utils.py `compute_entropy`).
+  (chunk-wise: models/utils.py `compute_entropy`). The experience maker asks for it only where
+  it is used (SAPO's entropy segmenter, `--logger.policy_entropy`).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional
-
 import torch
 
 from ...models.loss import SegmentPolicyLoss
@@ -22,6 +21,7 @@ from ...seam import sapo_remote_class, upstream
 from ..ppo_utils.experience_maker import sapo_options
 
 ActorPPOTrainer = upstream("openrlhf.trainer.ray.ppo_actor", "ActorPPOTrainer")
+merge_mm_train_inputs = upstream("openrlhf.utils.vlm_utils", "merge_mm_train_inputs")
 PolicyModelActor = upstream("openrlhf.trainer.ray.ppo_actor", "PolicyModelActor")
 
 
@@ -83,27 +83,6 @@ class SegmentActorPPOTrainer(ActorPPOTrainer):
             return super().training_step(experience, *args, **kwargs)
 
 
-class _EntropyCapture:
-    """Stands in for `self.actor` during one upstream experience forward: asks the real actor
-    for its entropy too (upstream's own path, which handles temperature, packing and ring
-    attention; the seam makes its entropy chunked when no gradient is needed), keeps the
-    response part, and returns what upstream's forward expects."""
-
-    def __init__(self, actor):
-        self._actor = actor
-        self.entropy: Optional[torch.Tensor] = None
-
-    def __call__(self, sequences, action_mask, *args, **kwargs):
-        log_probs, output = self._actor(
-            sequences, action_mask, *args, return_output=True, return_entropy=True, **kwargs
-        )
-        self.entropy = output.entropy[:, -action_mask.shape[1] :] * action_mask
-        return log_probs
-
-    def __getattr__(self, name):
-        return getattr(self._actor, name)
-
-
 class SapoPolicyModelActorMixin:
     """Methods SAPO adds to the actor's Ray worker."""
 
@@ -116,16 +95,26 @@ class SapoPolicyModelActorMixin:
               f"on node {ray.util.get_node_ip_address()}", flush=True)
         return result
 
-    def forward(self, *args, return_entropy: bool = False, **kwargs):
+    def forward(self, sequences, action_mask=None, attention_mask=None, packed_seq_lens=None,
+                mm_train_inputs_list=None, return_entropy: bool = False):
+        """Upstream's experience forward; with `return_entropy` it also returns the rollout entropy of
+        the response tokens, from the same temperature-scaled logits as the old log-probs (upstream's
+        Actor computes it, chunk-wise without gradients: models/utils.py `compute_entropy`)."""
         if not return_entropy:
-            return super().forward(*args, **kwargs)
-        actor, capture = self.actor, _EntropyCapture(self.actor)
-        self.actor = capture
-        try:
-            log_probs = super().forward(*args, **kwargs)
-        finally:
-            self.actor = actor
-        return log_probs, capture.entropy.to("cpu")
+            return super().forward(sequences, action_mask, attention_mask, packed_seq_lens, mm_train_inputs_list)
+        device = torch.cuda.current_device()
+        mm_inputs = {}
+        if mm_train_inputs_list and getattr(self.actor, "is_vlm", False):
+            mm_inputs = merge_mm_train_inputs(mm_train_inputs_list, device)
+        action_mask = action_mask.to(device)
+        self.actor.eval()
+        with torch.no_grad():
+            log_probs, output = self.actor(sequences.to(device), action_mask, attention_mask.to(device),
+                                           ring_attn_group=self.strategy.ring_attn_group, return_output=True,
+                                           return_entropy=True, **mm_inputs)
+        self.actor.train()
+        entropy = output.entropy[:, -action_mask.shape[1] :] * action_mask
+        return log_probs.to("cpu"), entropy.to("cpu")
 
 
 SapoPolicyModelActor = sapo_remote_class(PolicyModelActor, SapoPolicyModelActorMixin)
