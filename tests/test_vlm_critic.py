@@ -147,3 +147,36 @@ def test_vision_tokens_sampled_in_a_response_are_masked_not_fed(vlm_path):
     assert (sample.sequences[:, :6] == sequences[:, :6]).all()  # the prompt's image token is untouched
     with torch.no_grad():
         assert torch.isfinite(critic(sample.sequences, sample.action_mask, attention, **merged(two_images(2)))).all()
+
+
+def test_text_critic_next_to_a_vlm_actor_gets_tokens_only(tmp_path, monkeypatch):
+    """A cheaper text critic with a VLM actor: the experience forward and the training step drop the
+    images (a text critic's forward takes none), both through upstream's own worker and trainer code."""
+    from openrlhf_sapo.demo.tiny_models import build_tiny_qwen2
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")
+    critic = load_critic(build_tiny_qwen2(str(tmp_path / "text")), "critic", attn_implementation="sdpa",
+                         init_value_head=True).float()
+    base = seam.upstream("openrlhf.trainer.ray.ppo_critic", "CriticModelActor").__ray_actor_class__
+    cls = type("Critic", (SapoCriticModelActorMixin, base), {})
+    worker = cls.__new__(cls)
+    worker.critic, worker.strategy = critic, SimpleNamespace(ring_attn_group=None)
+    sequences, attention, action = vlm_sequences()
+    values = worker.forward(sequences, action, attention, mm_train_inputs_list=[two_images(2)])
+    with torch.no_grad():
+        torch.testing.assert_close(values, critic(sequences, action, attention))
+
+    optim = torch.optim.SGD(critic.parameters(), lr=0.1)
+    strategy = SimpleNamespace(
+        args=SimpleNamespace(train=SimpleNamespace(dynamic_batch_enable=False), actor=SimpleNamespace(aux_loss_coef=0)),
+        ring_attn_group=None, backward=lambda loss, model, opt: loss.backward(),
+        optimizer_step=lambda opt, model, scheduler, name: (opt.step(), opt.zero_grad()), get_grad_norm=lambda model: 0.0)
+    trainer = SegmentCriticPPOTrainer.__new__(SegmentCriticPPOTrainer)
+    trainer.__dict__.update(strategy=strategy, args=strategy.args, critic=critic, critic_optim=optim, aux_loss=False,
+                            critic_scheduler=SimpleNamespace(get_last_lr=lambda: [0.1]),
+                            critic_loss_fn=seam.upstream("openrlhf.models.loss", "ValueLoss")(0.5))
+    exp = SegmentExperience(sequences=sequences, attention_mask=attention, action_mask=action,
+                            values=torch.zeros(action.shape), returns=torch.ones(action.shape), mm_train_inputs=two_images(2))
+    info = {"dp_size": 1, "batch_num_tokens": float(action.sum()), "global_batch_size": 2.0}
+    before = trainer.training_step(exp, 0, info)["critic_loss"]
+    assert trainer.training_step(exp, 1, info)["critic_loss"] < before

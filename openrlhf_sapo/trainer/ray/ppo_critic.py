@@ -6,7 +6,8 @@
   dynamic batches) and its logged `values` all run over the boundary tokens. The critic's
   forward reads only the mask's width, so values still come out for every position.
 - VLM critic: the experience forward and the training step hand the critic the same
-  multi-modal inputs (pixel values, grid sizes) as the actor; upstream passes none.
+  multi-modal inputs (pixel values, grid sizes) as the actor; upstream passes none. A text
+  critic next to a VLM actor gets the tokens only.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import contextlib
 import dataclasses
 
 from ...algo.segments import value_read_positions
-from ...models.vlm_critic import vlm_critic_options
+from ...models.vlm_critic import is_vlm_config, vlm_critic_options
 from ...seam import sapo_remote_class, upstream
 from ..ppo_utils.experience_maker import sapo_options
 
@@ -63,12 +64,19 @@ def critic_inputs(owner, mm_inputs: dict):
         owner.critic = critic
 
 
+def takes_images(critic) -> bool:
+    """Whether the critic (a DeepSpeed engine or the model) is a VLM critic. A text critic next to a VLM
+    actor (a cheaper critic) gets the token ids only, image placeholders included."""
+    model = getattr(critic, "module", critic)
+    return is_vlm_config(getattr(model, "config", None))
+
+
 class SegmentCriticPPOTrainer(CriticPPOTrainer):
     """Upstream's critic trainer; a VLM critic's training forward also gets the images."""
 
     def training_step(self, experience, *args, **kwargs):
         mm = getattr(experience, "mm_train_inputs", None)
-        mm_inputs = merge_mm_train_inputs(mm, experience.sequences.device) if mm else {}
+        mm_inputs = merge_mm_train_inputs(mm, experience.sequences.device) if mm and takes_images(self.critic) else {}
         with critic_inputs(self, mm_inputs):
             return super().training_step(experience, *args, **kwargs)
 
@@ -82,7 +90,9 @@ class SapoCriticModelActorMixin:
     def forward(self, *args, mm_train_inputs_list=None, **kwargs):
         import torch
 
-        mm_inputs = merge_mm_train_inputs(mm_train_inputs_list, torch.cuda.current_device()) if mm_train_inputs_list else {}
+        mm_inputs = {}
+        if mm_train_inputs_list and takes_images(self.critic):
+            mm_inputs = merge_mm_train_inputs(mm_train_inputs_list, torch.cuda.current_device())
         with critic_inputs(self, mm_inputs):
             return super().forward(*args, **kwargs)
 
