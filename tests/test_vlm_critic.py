@@ -89,7 +89,10 @@ def test_save_and_load_round_trip(vlm_path, tmp_path):
     sequences, attention, action = vlm_sequences()
     with torch.no_grad():
         inputs = {k: v.bfloat16() if v.is_floating_point() else v for k, v in merged(two_images(2)).items()}
-        torch.testing.assert_close(critic(sequences, action, attention, **inputs), again(sequences, action, attention, **inputs))
+        inputs = {k: v.bfloat16() if v.is_floating_point() else v for k, v in inputs.items()}
+        # equal weights; bf16 tolerance: .bfloat16() also cast the rotary buffers, which loading keeps in fp32
+        torch.testing.assert_close(critic(sequences, action, attention, **inputs), again(sequences, action, attention, **inputs),
+                                   rtol=2e-2, atol=2e-2)
 
 
 def test_critic_worker_forward_gets_the_images(vlm_path, monkeypatch):
@@ -181,3 +184,41 @@ def test_text_critic_next_to_a_vlm_actor_gets_tokens_only(tmp_path, monkeypatch)
     info = {"dp_size": 1, "batch_num_tokens": float(action.sum()), "global_batch_size": 2.0}
     losses = [trainer.training_step(exp, step, info)["critic_loss"] for step in range(5)]
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_critic_of_a_vlm_with_or_without_tied_embeddings(tmp_path, tied):
+    """Qwen2.5-VL-3B ties its LM head to the input embeddings (7B does not): the critic drops the head
+    either way, keeps the embeddings, trains, and reloads exactly."""
+    from transformers import AutoModelForImageTextToText
+
+    path = build_tiny_qwen2_5_vl(str(tmp_path / "vlm"), tie_word_embeddings=tied)
+    vlm = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.bfloat16).float()
+    assert (vlm.lm_head.weight.data_ptr() == vlm.model.language_model.embed_tokens.weight.data_ptr()) == tied
+    torch.manual_seed(0)
+    critic = get_vlm_critic(path, param_dtype="bf16", init_value_head=True).float()
+    assert not hasattr(critic, "lm_head")
+    embeddings = critic.model.language_model.embed_tokens.weight
+    assert torch.equal(embeddings, vlm.model.language_model.embed_tokens.weight)  # not re-initialised
+    sequences, attention, action = vlm_sequences()
+    inputs, target = merged(two_images(2)), torch.full(action.shape, 0.5)
+    optim = torch.optim.Adam(critic.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(5):
+        loss = ((critic(sequences, action, attention, **inputs) - target) ** 2).mean()
+        optim.zero_grad()
+        loss.backward()
+        optim.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] and all(map(torch.isfinite, map(torch.tensor, losses)))
+    assert not torch.equal(embeddings, vlm.model.language_model.embed_tokens.weight)  # trained, as a plain parameter
+    critic = critic.bfloat16()
+    critic.save_pretrained(tmp_path / "critic")
+    again = load_critic(str(tmp_path / "critic"), "critic", param_dtype="bf16")
+    assert set(again.state_dict()) == set(critic.state_dict())
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in critic.state_dict().items())
+    with torch.no_grad():
+        inputs = {k: v.bfloat16() if v.is_floating_point() else v for k, v in inputs.items()}
+        # equal weights; bf16 tolerance: .bfloat16() also cast the rotary buffers, which loading keeps in fp32
+        torch.testing.assert_close(critic(sequences, action, attention, **inputs), again(sequences, action, attention, **inputs),
+                                   rtol=2e-2, atol=2e-2)

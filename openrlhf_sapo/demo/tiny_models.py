@@ -234,8 +234,10 @@ def build_tiny_qwen2_5_vl(
     seed: int = 0,
     max_image_tokens: int = 64,
     extra_chars=(),
+    tie_word_embeddings: bool = False,
 ):
     """A random `Qwen2_5_VLForConditionalGeneration`, its tokenizer and processor, saved to `path`.
+    `tie_word_embeddings=True` ties the LM head to the input embeddings, as Qwen2.5-VL-3B does.
 
     The config's image/video/vision-marker token ids are the tokenizer's. The processor
     (loaded with `AutoProcessor.from_pretrained(path, trust_remote_code=True)`) uses
@@ -259,7 +261,7 @@ def build_tiny_qwen2_5_vl(
             num_attention_heads=heads, num_key_value_heads=_kv_heads(heads), max_position_embeddings=4096,
             bos_token_id=None, eos_token_id=ids[IM_END], pad_token_id=ids[ENDOFTEXT],
             rope_scaling={"type": "mrope", "mrope_section": _mrope_section(head_dim)},
-            tie_word_embeddings=False,
+            tie_word_embeddings=tie_word_embeddings,
         ),
         vision_config=dict(
             depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
@@ -269,7 +271,7 @@ def build_tiny_qwen2_5_vl(
         ),
         image_token_id=ids[IMAGE_PAD], video_token_id=ids[VIDEO_PAD],
         vision_start_token_id=ids[VISION_START], vision_end_token_id=ids[VISION_END],
-        eos_token_id=ids[IM_END], pad_token_id=ids[ENDOFTEXT], tie_word_embeddings=False,
+        eos_token_id=ids[IM_END], pad_token_id=ids[ENDOFTEXT], tie_word_embeddings=tie_word_embeddings,
     )
     model = _init_seeded(lambda: Qwen2_5_VLForConditionalGeneration(config), seed)
     model.generation_config = GenerationConfig(eos_token_id=ids[IM_END], pad_token_id=ids[ENDOFTEXT], bos_token_id=None)

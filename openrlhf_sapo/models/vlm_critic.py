@@ -26,6 +26,7 @@ import torch.nn as nn
 from ..seam import upstream
 
 get_llm_for_sequence_regression = upstream("openrlhf.models", "get_llm_for_sequence_regression")
+set_z3_leaf_modules = upstream("openrlhf.models.utils", "set_z3_leaf_modules")
 
 
 def is_vlm_config(config) -> bool:
@@ -149,6 +150,7 @@ def get_vlm_critic(
     critic = vlm_critic_class(generation_class).from_pretrained(
         model_name_or_path, config=config, trust_remote_code=True, dtype=convert_to_torch_dtype(param_dtype), **kwargs
     )
+    set_z3_leaf_modules(critic, detect_hybrid=False)  # as upstream's critic: MoE blocks gather whole under ZeRO-3
     critic.config.use_cache = False
     if init_value_head:
         head = getattr(critic, critic.value_head_prefix)
