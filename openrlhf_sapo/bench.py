@@ -7,6 +7,11 @@ those of the issue that introduced the algorithm core:
   - sapo_policy_loss fwd+bwd            vs  PolicyLoss fwd+bwd: <= 1.5
   - sapo_value_loss fwd+bwd             vs  ValueLoss fwd+bwd:  <= 1.5
 and peak extra memory, as a multiple of one [B, T] fp32 tensor.
+
+Also measured, with no target: the rollout-entropy pass SAPO adds to the experience forward
+(`policy_entropy`, and the entropy segmenter's input) against the log-prob pass upstream always
+does, on bf16 logits of --entropy_tokens tokens over a --vocab vocabulary (Qwen2.5's by default).
+PPO and GRPO skip the pass unless --logger.policy_entropy is set.
 """
 
 from __future__ import annotations
@@ -137,7 +142,22 @@ def build_cases(batch: Dict[str, torch.Tensor], topk_percent: float):
     }
 
 
-def run(B: int, T: int, topk_percent: float, device: str, repeats: int) -> dict:
+def entropy_pass(tokens: int, vocab: int, device: str, repeats: int) -> dict:
+    """The experience forward's extra entropy pass vs its log-prob pass, on the same bf16 logits."""
+    from .models.utils import chunked_entropy
+
+    log_probs_from_logits = upstream("openrlhf.models.utils", "log_probs_from_logits")
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(1, tokens, vocab, generator=g)).to(device=device, dtype=torch.bfloat16)
+    labels = torch.randint(0, vocab, (1, tokens), generator=g).to(device)
+    t_entropy = median_seconds(lambda: chunked_entropy(logits), device, repeats)
+    t_log_probs = median_seconds(lambda: log_probs_from_logits(logits, labels), device, repeats)
+    return {"tokens": tokens, "vocab": vocab, "entropy_ms": 1e3 * t_entropy, "log_probs_ms": 1e3 * t_log_probs,
+            "ratio": t_entropy / t_log_probs}
+
+
+def run(B: int, T: int, topk_percent: float, device: str, repeats: int,
+        entropy_tokens: int = 1024, vocab: int = 151936) -> dict:
     batch = make_batch(B, T, device)
     one_tensor = B * T * 4
     results = {
@@ -165,6 +185,8 @@ def run(B: int, T: int, topk_percent: float, device: str, repeats: int) -> dict:
             "sapo_peak_memory_x_BT": peak_extra_bytes(ours, device) / one_tensor,
             "upstream_peak_memory_x_BT": peak_extra_bytes(theirs, device) / one_tensor,
         }
+    if entropy_tokens > 0:
+        results["entropy_pass"] = entropy_pass(entropy_tokens, vocab, device, max(1, repeats // 2))
     return results
 
 
@@ -183,6 +205,12 @@ def format_table(results: dict) -> str:
             f"| {name} | {c['sapo_ms']:.2f} | {c['upstream_ms']:.2f} | {c['ratio']:.2f} | <= {c['target_ratio']} {mark} "
             f"| {c['sapo_peak_memory_x_BT']:.1f} | {c['upstream_peak_memory_x_BT']:.1f} |"
         )
+    entropy = results.get("entropy_pass")
+    if entropy:
+        lines += ["", f"Rollout entropy pass (SAPO; PPO/GRPO only with --logger.policy_entropy), bf16 logits of "
+                  f"{entropy['tokens']} tokens x {entropy['vocab']} vocab: {entropy['entropy_ms']:.1f} ms vs the log-prob "
+                  f"pass's {entropy['log_probs_ms']:.1f} ms (ratio {entropy['ratio']:.2f}; no target: the model forward "
+                  "before both is the experience forward's main cost)"]
     return "\n".join(lines)
 
 
@@ -193,9 +221,12 @@ def main(argv=None) -> int:
     parser.add_argument("--topk_percent", type=float, default=30.0, help="share of tokens that end a segment")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--entropy_tokens", type=int, default=1024,
+                        help="tokens of logits for the entropy-pass measurement (0 skips it)")
+    parser.add_argument("--vocab", type=int, default=151936, help="vocabulary of those logits (Qwen2.5's)")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
-    results = run(args.batch, args.length, args.topk_percent, args.device, args.repeats)
+    results = run(args.batch, args.length, args.topk_percent, args.device, args.repeats, args.entropy_tokens, args.vocab)
     print(format_table(results))
     print(json.dumps(results, indent=2))
     if args.json:

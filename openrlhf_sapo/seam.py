@@ -64,6 +64,7 @@ UPSTREAM_SYMBOLS = (
     ("openrlhf.models", "get_llm_for_sequence_regression", "wrapped by load_critic: VLM configs get VLMCritic"),
     ("openrlhf.trainer.ray.ppo_critic", "get_llm_for_sequence_regression", "rebound to load_critic"),
     ("openrlhf.cli.train_ppo_ray", "train", "called by our CLI after our validation and the patches"),
+    ("openrlhf.models.utils", "log_probs_from_logits", "bench baseline: the experience forward's log-prob pass"),
     ("openrlhf.models.utils", "set_z3_leaf_modules", "the VLM critic marks ZeRO-3 leaf modules as upstream's critic does"),
     ("openrlhf.models.utils", "compute_entropy", "wrapped: chunked (memory-safe) when no gradient is needed"),
     ("openrlhf.models.actor", "compute_entropy", "rebound to the wrapper, for the experience forward"),

@@ -7,8 +7,9 @@ Read top to bottom, one training step uses:
   4. sapo_policy_loss -> segment-ratio clipped surrogate     (losses.py)
   5. sapo_value_loss  -> critic loss at segment boundaries   (losses.py)
   plus segment_statistics and explained_variance for logging (stats.py)
-All inputs are [B, T] over response tokens with an action_mask; any float dtype goes in,
-the arithmetic runs in float32 (float64 for the GAE scan) and outputs are float32.
+All inputs are [B, T] over response tokens with an action_mask; any float dtype goes in, the
+arithmetic runs in promote_types(dtype, float32) (float64 for the GAE scan), as torch's own ops
+do: half precision is computed and returned in float32, float64 stays float64.
 """
 
 from .advantages import VALUE_AT, discounted_reverse_cumsum, masked_whiten, segment_gae

@@ -31,7 +31,7 @@ def check_mask(action_mask: torch.Tensor, name: str = "action_mask") -> torch.Te
 
 
 def check_float(x: torch.Tensor, name: str, mask: torch.Tensor, finite: bool = True) -> torch.Tensor:
-    """Check x is a float [B, T] tensor shaped like mask; return it as float32.
+    """Check x is a float [B, T] tensor shaped like mask; return it in promote_types(dtype, float32).
 
     Only valid positions must be finite: padding may hold anything (it is never read).
     """
