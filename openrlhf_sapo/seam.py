@@ -64,6 +64,7 @@ UPSTREAM_SYMBOLS = (
     ("openrlhf.models", "get_llm_for_sequence_regression", "wrapped by load_critic: VLM configs get VLMCritic"),
     ("openrlhf.trainer.ray.ppo_critic", "get_llm_for_sequence_regression", "rebound to load_critic"),
     ("openrlhf.cli.train_ppo_ray", "train", "called by our CLI after our validation and the patches"),
+    ("openrlhf.utils.deepspeed", "DeepspeedStrategy", "subclassed: a model prints as one line; rebound for get_strategy"),
     ("openrlhf.models.utils", "log_probs_from_logits", "bench baseline: the experience forward's log-prob pass"),
     ("openrlhf.models.utils", "set_z3_leaf_modules", "the VLM critic marks ZeRO-3 leaf modules as upstream's critic does"),
     ("openrlhf.models.utils", "compute_entropy", "wrapped: chunked (memory-safe) when no gradient is needed"),
@@ -209,6 +210,7 @@ def patch_table():
     from .trainer.ppo_utils.experience_maker import SegmentExperienceMaker
     from .trainer.ray.ppo_actor import SapoPolicyModelActor, SegmentActorPPOTrainer
     from .trainer.ray.ppo_critic import SapoCriticModelActor, SegmentCriticPPOTrainer
+    from .utils.deepspeed import SapoDeepspeedStrategy
 
     experience_users = (
         "openrlhf.trainer.ppo_utils.experience",  # concat/split/make_experience_batch build it
@@ -233,6 +235,7 @@ def patch_table():
         ("openrlhf.trainer.ppo_trainer_async", "PPOTrainerAsync", SapoPPOTrainerAsync),
         ("openrlhf.trainer.ppo_trainer_async", "TrainingActor", SapoTrainingActor),
         ("openrlhf.trainer.ppo_trainer_async", "GenerateSamplesActor", SapoGenerateSamplesActor),
+        ("openrlhf.utils.deepspeed", "DeepspeedStrategy", SapoDeepspeedStrategy),  # get_strategy imports it lazily
     )
 
 

@@ -271,9 +271,12 @@ def test_from_disk_single_dataset_and_usage_errors(tmp_path, capsys):
     out = tmp_path / "out"
     rc, _, err = _run(geo3k, ["--from-disk", str(single), "--output-dir", str(out)], capsys)
     assert rc == 2 and f"bind it to a split with --from-disk SPLIT={single}" in err
-    rc, _, err = _run(geo3k, ["--from-disk", f"test={single}", "--output-dir", str(out)], capsys)
+    rc, stdout, err = _run(geo3k, ["--from-disk", f"test={single}", "--output-dir", str(out)], capsys)
     assert rc == 0, err
     assert sorted(os.listdir(out)) == ["images", "test.jsonl"]
+    # Only a test split: the printed flags never make it the training data.
+    assert "--data.prompt_dataset /" not in stdout and f"--eval.dataset {out.resolve() / 'test.jsonl'}" in stdout
+    assert "# no training split was converted (only test)" in stdout
     # Existing output needs --overwrite.
     rc, _, err = _run(geo3k, ["--from-disk", f"test={single}", "--output-dir", str(out)], capsys)
     assert rc == 2 and "pass --overwrite" in err

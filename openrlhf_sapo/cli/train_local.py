@@ -102,14 +102,22 @@ def check_local(args) -> None:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None):
+    from openrlhf_sapo.cli.preflight import preflight
+
     parser = build_parser()
-    args = train_ppo_ray.parse_args(argv, parser=parser)
+    args = train_ppo_ray.parse_args(argv, parser=parser, run_preflight=False)
     if args.resume:
         args.ckpt.load_enable = True
     try:
         check_local(args)
     except train_ppo_ray.ConfigError as err:
         parser.error(str(err))
+    problems = preflight(args, resume_flag="--resume")
+    metrics = args.local.metrics_jsonl
+    if metrics and os.path.isfile(metrics) and os.path.getsize(metrics) and not args.ckpt.load_enable:
+        problems.append(f"--local.metrics_jsonl: {metrics} already holds a run's metrics: pass --resume to continue "
+                        "that run, or choose another file (or remove it) to start a new one")
+    train_ppo_ray.report_problems(parser, problems)
     return args
 
 

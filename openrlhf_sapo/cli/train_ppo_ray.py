@@ -379,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     f"expects a list without '{SAPO_ESTIMATOR}' to extend")
     estimator.choices = [*estimator.choices, SAPO_ESTIMATOR]
     estimator.help = (estimator.help or "") + ESTIMATOR_HELP_SUFFIX
+    parser.prog = "python -m openrlhf_sapo.cli.train_ppo_ray"
     parser.description = (
         "OpenRLHF's PPO launcher (python -m openrlhf.cli.train_ppo_ray, every flag unchanged) with SAPO: "
         "--algo.advantage.estimator sapo. " + SAPO_GROUP_DESCRIPTION
@@ -386,7 +387,20 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group(SAPO_GROUP, SAPO_GROUP_DESCRIPTION)
     for flag in ADDED_FLAGS:
         group.add_argument(flag.option, **flag.kwargs)
+    parser.error = functools.partial(concise_error, parser)
     return parser
+
+
+def concise_error(parser: argparse.ArgumentParser, message: str) -> None:
+    """A flag error as its message and a pointer to --help (argparse would print a 160-line usage first)."""
+    parser.exit(2, f"{parser.prog}: error: {message}\n(`{parser.prog} --help` lists every flag)\n")
+
+
+def report_problems(parser: argparse.ArgumentParser, problems: Sequence[str]) -> None:
+    """Every problem preflight found, one line each; exit status 2 (as a flag error)."""
+    if problems:
+        listed = "".join(f"\n  - {p}" for p in problems)
+        parser.error(f"{len(problems)} problem{'s' if len(problems) > 1 else ''} found before starting:{listed}")
 
 
 # ---------------------------------------------------------------- validation
@@ -449,17 +463,29 @@ def check_before_upstream(args: SimpleNamespace) -> None:
                           "the reward model), or --reward.remote_url / --train.agent_func_path with "
                           "--actor.model_name_or_path (the critic then defaults to the actor)")
 
+    # --rollout.max_new_tokens None: upstream generates up to max_len - prompt length per sample
+    for flag, value in (("--rollout.max_new_tokens", args.rollout.max_new_tokens), ("--data.max_len", args.data.max_len)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be >= 1 token, got {value}")
+    if args.rollout.max_new_tokens is not None and args.data.max_len <= args.rollout.max_new_tokens:
+        raise ConfigError(f"--data.max_len ({args.data.max_len}) is prompt + response, so it must exceed "
+                          f"--rollout.max_new_tokens ({args.rollout.max_new_tokens}) to leave room for the prompt")
+
     # Upstream refuses --ds.packing_samples for VLMs, but turns packing on itself, later in the
-    # same validation and with only a warning, for ring attention and dynamic batching.
+    # same validation and with only a warning, for ring attention and dynamic batching. A VLM is
+    # known by --data.max_images_per_prompt or, for a local model, by its config.
+    from openrlhf_sapo.cli.preflight import is_vlm_model
+
     images = args.data.max_images_per_prompt
-    if images > 0:
+    if images > 0 or is_vlm_model(args.actor.model_name_or_path):
         packing = [flag for flag, on in (
             ("--ds.packing_samples", args.ds.packing_samples),
             (f"--ds.ring_attn_size {args.ds.ring_attn_size}", args.ds.ring_attn_size > 1),
             ("--train.dynamic_batch_enable", args.train.dynamic_batch_enable),
         ) if on]
         if packing:
-            raise ConfigError(f"VLM training (--data.max_images_per_prompt {images}) cannot use sample packing, which "
+            why = f"--data.max_images_per_prompt {images}" if images > 0 else f"{args.actor.model_name_or_path} is a VLM"
+            raise ConfigError(f"VLM training ({why}) cannot use sample packing, which "
                               f"{', '.join(packing)} {'turns' if len(packing) == 1 else 'turn'} on: packing breaks the "
                               "alignment of image tokens with pixel_values (and M-RoPE position ids). Remove "
                               f"{' and '.join(flag.split()[0] for flag in packing)}, or train text-only "
@@ -588,8 +614,10 @@ def validate(args: SimpleNamespace, quiet_stdout: bool = False) -> SimpleNamespa
 
 def parse_args(argv: Optional[Sequence[str]] = None,
                parser: Optional[argparse.ArgumentParser] = None,
-               adapt: Optional[Callable[[SimpleNamespace], list]] = None) -> SimpleNamespace:
-    """Parse, hierarchize and validate like upstream's `__main__`; errors exit with status 2 (parser.error).
+               adapt: Optional[Callable[[SimpleNamespace], list]] = None,
+               run_preflight: bool = True) -> SimpleNamespace:
+    """Parse, hierarchize and validate like upstream's `__main__`, then `preflight` (datasets, steps, run
+    directory; `run_preflight=False` leaves it to the caller); errors exit with status 2 (parser.error).
     `parser`: `build_parser()` with more flags added (the single-process CLI's). `adapt(args)` changes
     options before validation (the CPU mode's) and returns what it changed, printed to stderr."""
     parser = parser or build_parser()
@@ -600,9 +628,14 @@ def parse_args(argv: Optional[Sequence[str]] = None,
     for note in (adapt(args) if adapt is not None and not args.dry_run else []):
         print(f"[openrlhf_sapo] CPU mode (no CUDA device): {note}", file=sys.stderr, flush=True)
     try:
-        return validate(args, quiet_stdout=args.dry_run)
+        validate(args, quiet_stdout=args.dry_run)
     except ConfigError as err:
         parser.error(str(err))
+    if run_preflight:
+        from openrlhf_sapo.cli.preflight import preflight
+
+        report_problems(parser, preflight(args))
+    return args
 
 
 def to_jsonable(value):

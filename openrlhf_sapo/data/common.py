@@ -746,9 +746,12 @@ def _print_counts(stats: dict[str, SplitStats], written: str = "written", skippe
 
 def openrlhf_flags(spec: DatasetSpec, out_dir: str, stats: dict[str, SplitStats]) -> str:
     splits = list(stats)
-    train = "train" if "train" in splits else splits[0]
+    evaluation = set(dict.fromkeys((spec.eval_split, "validation", "test")))
+    # A split meant for evaluation is never offered as training data (only a test file was converted: no
+    # --data.prompt_dataset line, and a note saying so).
+    train = "train" if "train" in splits else next((s for s in splits if s not in evaluation), None)
     evals = [s for s in dict.fromkeys((spec.eval_split, "validation", "test")) if s in splits and s != train]
-    lines = [f"--data.prompt_dataset {os.path.join(out_dir, train + '.jsonl')}"]
+    lines = [f"--data.prompt_dataset {os.path.join(out_dir, train + '.jsonl')}"] if train else []
     if evals:
         lines.append(f"--eval.dataset {os.path.join(out_dir, evals[0] + '.jsonl')}")
     keys = "--data.input_key prompt --data.label_key label"
@@ -762,6 +765,9 @@ def openrlhf_flags(spec: DatasetSpec, out_dir: str, stats: dict[str, SplitStats]
         "a .jsonl file loads as the split 'train': keep --data.prompt_split and --eval.split at their default",
         "the instruction is already in each prompt: do not set --data.input_template",
     ]
+    if train is None:
+        notes.insert(0, f"no training split was converted (only {', '.join(splits)}): convert the train split too "
+                        "for --data.prompt_dataset")
     if len(evals) > 1:
         notes.append(f"other eval split(s): {', '.join(os.path.join(out_dir, s + '.jsonl') for s in evals[1:])}")
     return text + "\n" + "\n".join(f"# {n}" for n in notes)

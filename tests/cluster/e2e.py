@@ -10,7 +10,8 @@ One cluster (tests/cluster/harness.py: two network namespaces, 1 declared GPU pe
   text-sapo-async text/sapo.sh with --train.async_enable (1 actor rank, the engine on the other node)
   geo3k-sapo      geo3k/sapo.sh, tiny Qwen2.5-VL, VLM critic, HF rollout engines; killed with kill -9
                   after its step-2 checkpoint, then resumed with --ckpt.load_enable to step 4
-  geo3k-ppo       geo3k/ppo.sh, same model, batch and seed as geo3k-sapo
+  geo3k-ppo       geo3k/ppo.sh, same model, batch and seed as geo3k-sapo, no entropy pass (upstream's cost)
+  geo3k-ppo-entropy  the same with --logger.policy_entropy: its first step equals geo3k-sapo's (seeding)
   geo3k-grpo      geo3k/grpo.sh
 
 The scripts are scaled down only through their documented variables (MODEL_PATH, TRAIN_DATA,
@@ -43,7 +44,7 @@ NODES = {"10.77.0.1", "10.77.0.2"}
 REWARD = os.path.join(REPO, "openrlhf_sapo", "demo", "reward_func.py")
 SKIPPED = 77
 # What step 1 depends on only through the prompts drawn and the responses sampled (not the update rule).
-FIRST_STEP_TAGS = ("train/reward", "train/response_length")
+FIRST_STEP_TAGS = ("train/reward", "train/response_length", "train/policy_entropy")
 
 
 @dataclass
@@ -87,6 +88,9 @@ def runs() -> List[Run]:
         # PPO without --logger.policy_entropy: its experience forward costs what upstream's does (the benchmark)
         Run("geo3k-ppo", "geo3k/ppo.sh", "VLM + VLM critic, HF engines, ZeRO-3, no entropy pass", env=vlm,
             flags=scaled_flags(4, max_len=128) + NO_REF, steps=4, policy_entropy=False),
+        # The same-seed check: PPO with --logger.policy_entropy draws geo3k-sapo's prompts and samples
+        Run("geo3k-ppo-entropy", "geo3k/ppo.sh", "VLM + VLM critic, --logger.policy_entropy (same seed as geo3k-sapo)",
+            env=vlm, flags=scaled_flags(4, max_len=128) + NO_REF + ["--logger.policy_entropy"], steps=4),
         Run("geo3k-grpo", "geo3k/grpo.sh", "VLM, group baseline (no critic), HF engines, ZeRO-3", env=vlm,
             flags=scaled_flags(2, max_len=128) + NO_REF + ["--logger.policy_entropy"], critic=False),
     ]
@@ -326,7 +330,7 @@ def write_report(results: List[Dict], workdir: str, cluster_seconds: float, tota
     lines += ["", "## Checks", ""]
     for r in results:
         lines.append(f"- **{r['name']}**: " + "; ".join(f"{'PASS' if v else 'FAIL'} {k}" for k, v in r["checks"].items()))
-    sapo, ppo = by_name.get("geo3k-sapo"), by_name.get("geo3k-ppo")
+    sapo, ppo, seeded = by_name.get("geo3k-sapo"), by_name.get("geo3k-ppo"), by_name.get("geo3k-ppo-entropy")
     if sapo and ppo:
         lines += ["", "## SAPO vs PPO (benchmark, not a test)", ""]
         if sapo.get("seconds_per_step") and ppo.get("seconds_per_step"):
@@ -334,11 +338,14 @@ def write_report(results: List[Dict], workdir: str, cluster_seconds: float, tota
             lines.append(f"geo3k tiny VLM, same model, batch and seed, median `train/timing/step_total` without each "
                          f"process's warm-up step (steps 1 and, after the resume, 3): SAPO "
                          f"{sapo['seconds_per_step']:.2f} s, PPO {ppo['seconds_per_step']:.2f} s, ratio **{ratio:.3f}** "
-                         f"(target <= 1.03). Two cores shared by every process: expect +-10% noise.")
+                         f"(target <= 1.03). PPO without --logger.policy_entropy, so its experience forward is "
+                         f"upstream's; SAPO's includes the entropy pass it needs. Two cores shared by every process: "
+                         f"expect +-10% noise.")
+    if sapo and seeded:
         lines += ["", "## Same seed, same first step", "",
-                  f"Step 1 of geo3k-sapo and geo3k-ppo (seed 42, same prompts and engine seed; the update rule only "
-                  f"acts after step 1): " + ", ".join(f"{tag[6:]} {sapo['first_step'][tag]} vs {ppo['first_step'][tag]}"
-                                                      for tag in FIRST_STEP_TAGS) + "."]
+                  f"Step 1 of geo3k-sapo and geo3k-ppo-entropy (seed 42, same prompts and engine seed; the update rule "
+                  f"only acts after step 1): " + ", ".join(f"{tag[6:]} {sapo['first_step'][tag]} vs "
+                                                           f"{seeded['first_step'][tag]}" for tag in FIRST_STEP_TAGS) + "."]
     path = os.path.join(workdir, "report.md")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -376,11 +383,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                   flush=True)
             results.append(result)
     by_name = {r["name"]: r for r in results}
-    if "geo3k-sapo" in by_name and "geo3k-ppo" in by_name:
-        a, b = by_name["geo3k-sapo"]["first_step"], by_name["geo3k-ppo"]["first_step"]
-        # the prompts drawn and the responses sampled: reward and length, exactly
-        by_name["geo3k-ppo"]["checks"]["same first step as geo3k-sapo (seed 42: reward, length)"] = (
-            a[FIRST_STEP_TAGS[0]] is not None and all(a[t] == b[t] for t in FIRST_STEP_TAGS))
+    if "geo3k-sapo" in by_name and "geo3k-ppo-entropy" in by_name:
+        a, b = by_name["geo3k-sapo"]["first_step"], by_name["geo3k-ppo-entropy"]["first_step"]
+        # reward and length exactly; the entropy to bf16 forward noise (micro-batches differ between runs)
+        by_name["geo3k-ppo-entropy"]["checks"]["same first step as geo3k-sapo (seed 42: reward, length, entropy)"] = (
+            a[FIRST_STEP_TAGS[0]] is not None and all(a[t] == b[t] for t in FIRST_STEP_TAGS[:2])
+            and None not in (a[FIRST_STEP_TAGS[2]], b[FIRST_STEP_TAGS[2]])
+            and abs(a[FIRST_STEP_TAGS[2]] - b[FIRST_STEP_TAGS[2]]) <= 1e-4 * abs(a[FIRST_STEP_TAGS[2]]))
     report = write_report(results, workdir, cluster_seconds, time.time() - start)
     print(open(report).read())
     return 0 if all(all(r["checks"].values()) for r in results) else 1

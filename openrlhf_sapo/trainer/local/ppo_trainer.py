@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from ...seam import upstream
+from ..ppo_trainer import RunStateMessages
 
 PPOTrainer = upstream("openrlhf.trainer.ppo_trainer", "PPOTrainer").__ray_actor_class__
 
@@ -29,7 +30,7 @@ def _scalar(value) -> Optional[float]:
     return None
 
 
-class LocalPPOTrainer(PPOTrainer):
+class LocalPPOTrainer(RunStateMessages, PPOTrainer):
     def __init__(self, *args, metrics_path: Optional[str] = None, eval_at_start: bool = False,
                  rollout_engine=None, **kwargs):
         super().__init__(*args, **kwargs)
