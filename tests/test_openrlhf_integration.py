@@ -696,3 +696,23 @@ print(before, experience.Experience.__name__, ppo_critic.CriticPPOTrainer.__name
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[-3:] == ["Experience", "SegmentExperience", "SegmentCriticPPOTrainer"]
+
+
+def test_strategy_prints_a_model_as_one_line(capsys):
+    """Upstream's workers print their whole model (hundreds of lines); through get_strategy, after the
+    patches, it is one line; other messages are printed as upstream prints them."""
+    from openrlhf.utils import get_strategy
+
+    from openrlhf_sapo.utils.deepspeed import SapoDeepspeedStrategy
+
+    from openrlhf_sapo.cli.train_ppo_ray import parse_args
+
+    args = parse_args(["--actor.model_name_or_path", "a", "--reward.remote_url", "r.py", "--vllm.num_engines", "1",
+                       "--algo.advantage.estimator", "group_norm", "--rollout.n_samples_per_prompt", "2"])
+    strategy = get_strategy(args)
+    assert isinstance(strategy, SapoDeepspeedStrategy)
+    model = tiny_actor().model
+    strategy.print(model)
+    strategy.print("mean: 0, std 1")
+    count = sum(p.numel() for p in model.parameters())
+    assert capsys.readouterr().out.splitlines() == [f"Qwen2ForCausalLM: {count} parameters", "mean: 0, std 1"]

@@ -182,7 +182,7 @@ def test_vlm_critic_sees_the_images(tasks, tmp_path, monkeypatch):
     assert all(experience) and all(training), calls
 
 
-def test_resume_restores_the_checkpoint(tasks, tmp_path, monkeypatch):
+def test_resume_restores_the_checkpoint(tasks, tmp_path, monkeypatch, capsys):
     """A run stopped after step 1 (its checkpoint saved) resumes at step 2 from exactly the saved
     actor weights, scheduler position and data position; the rollout engine gets those weights."""
     from openrlhf_sapo.trainer.local.ppo_trainer import LocalPPOTrainer
@@ -206,6 +206,13 @@ def test_resume_restores_the_checkpoint(tasks, tmp_path, monkeypatch):
     with pytest.raises(Crash):
         train_local.train(train_local.parse_args(flags))
     monkeypatch.setattr(LocalPPOTrainer, "save_logs_and_checkpoints", save)
+    ckpt = str(tmp_path / "ckpt")
+    out = capsys.readouterr().out
+    assert f"[openrlhf_sapo] step 1: checkpoint saved under {ckpt} (tag global_step1)" in out
+    assert "checkpoint_states" not in out  # upstream's state dump is held back
+    with pytest.raises(SystemExit):  # the run is there: a rerun without --resume is refused
+        train_local.parse_args(flags)
+    assert f"holds a run already (checkpoint {ckpt}/_actor): pass --resume to continue it" in capsys.readouterr().err
 
     resumed = {}
 
@@ -217,6 +224,8 @@ def test_resume_restores_the_checkpoint(tasks, tmp_path, monkeypatch):
     spy = Spy(monkeypatch, before_fit=before_fit)
     os.remove(tmp_path / "metrics.jsonl")
     train_local.train(train_local.parse_args(flags + ["--resume"]))
+    out = capsys.readouterr().out
+    assert f"[openrlhf_sapo] resumed from step 1 (checkpoint {ckpt}/_actor), continuing at step 2" in out
 
     for name, value in saved["params"].items():
         torch.testing.assert_close(resumed["params"][name], value, rtol=0, atol=0)
