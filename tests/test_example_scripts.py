@@ -10,6 +10,8 @@ The recipe the configurations are checked against is SAPO_SPEC.md §6 (Table 7 o
 copied below by hand, not read from the scripts.
 """
 
+import atexit
+import functools
 import importlib.metadata
 import json
 import os
@@ -18,6 +20,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -99,13 +102,36 @@ def script_files():
     return sorted(found)
 
 
+@functools.lru_cache(maxsize=None)
+def data_dir() -> str:
+    """DATA_DIR for the dry runs: what `data/prepare_data.sh` writes (geo3k with one image per prompt,
+    gsm8k, math; train and test), enough rows for the recipes' batches. A dry run reads the data it
+    names (preflight), so the scripts' default DATA_DIR (the repository's data/, absent here) would fail."""
+    from PIL import Image
+
+    root = tempfile.mkdtemp(prefix="sapo-script-data-")
+    atexit.register(shutil.rmtree, root, True)
+    image = os.path.join(root, "image.png")
+    Image.new("RGB", (28, 28)).save(image)
+    for name, row in (("geo3k", {"prompt": "<image>Find x.", "label": "3", "images": [image]}),
+                      ("gsm8k", {"prompt": "What is 1 + 2?", "label": "3"}),
+                      ("math", {"prompt": "What is 1 + 2?", "label": "3"})):
+        os.makedirs(os.path.join(root, name))
+        for split in ("train", "test"):
+            with open(os.path.join(root, name, f"{split}.jsonl"), "w") as f:
+                f.write((json.dumps(row) + "\n") * 1024)
+    return root
+
+
 def script_env(**extra):
-    """A clean environment (nothing of the caller's MODEL_PATH, NNODES, ... leaks in) with the venv first on PATH."""
+    """A clean environment (nothing of the caller's MODEL_PATH, NNODES, ... leaks in) with the venv first on
+    PATH, and DATA_DIR pointing at `data_dir()` unless given."""
     env = {
         "PATH": VENV_BIN + os.pathsep + os.environ.get("PATH", "/usr/bin:/bin"),
         "HOME": os.environ.get("HOME", "/tmp"),
         "LANG": "C.UTF-8",
         "PYTHONDONTWRITEBYTECODE": "1",
+        "DATA_DIR": data_dir(),
     }
     env.update({k: str(v) for k, v in extra.items()})
     return env
@@ -298,8 +324,8 @@ def test_geo3k_dry_run_matches_table7(method, size):
         assert config["critic"]["model_name_or_path"] == model  # the VLM critic starts from the actor
     data = config["data"]
     assert data["max_images_per_prompt"] >= 1 and data["apply_chat_template"] is True
-    assert data["prompt_dataset"] == os.path.join(REPO, "data", "geo3k", "train.jsonl")
-    assert config["eval"]["dataset"] == os.path.join(REPO, "data", "geo3k", "test.jsonl")
+    assert data["prompt_dataset"] == os.path.join(data_dir(), "geo3k", "train.jsonl")
+    assert config["eval"]["dataset"] == os.path.join(data_dir(), "geo3k", "test.jsonl")
     assert config["reward"]["remote_url"] == [os.path.join(REPO, "openrlhf_sapo", "rewards", "math_reward.py")]
     run_name = f"geo3k-{method}-qwen2.5-vl-{size}"
     assert config["ckpt"]["output_dir"] == os.path.join(REPO, "runs", "checkpoints", run_name)
@@ -307,11 +333,12 @@ def test_geo3k_dry_run_matches_table7(method, size):
 
 
 def test_geo3k_env_overrides():
-    config, _ = one_config("geo3k/sapo.sh", MODEL_PATH="/models/vl", DATA_DIR="/d", SAVE_ROOT="/s", LOG_ROOT="/l",
+    d = data_dir()
+    config, _ = one_config("geo3k/sapo.sh", MODEL_PATH="/models/vl", DATA_DIR=d, SAVE_ROOT="/s", LOG_ROOT="/l",
                            RUN_NAME="r", FREEZE_VISION=1, EVAL_STEPS=5)
     assert config["actor"]["model_name_or_path"] == config["critic"]["model_name_or_path"] == "/models/vl"
-    assert config["data"]["prompt_dataset"] == "/d/geo3k/train.jsonl"
-    assert config["eval"]["dataset"] == "/d/geo3k/test.jsonl"
+    assert config["data"]["prompt_dataset"] == f"{d}/geo3k/train.jsonl"
+    assert config["eval"]["dataset"] == f"{d}/geo3k/test.jsonl"
     assert config["ckpt"]["output_dir"] == "/s/r" and config["logger"]["tensorboard_dir"] == "/l/r"
     assert config["actor"]["freeze_visual_encoder"] is True and config["critic"]["freeze_visual_encoder"] is True
     assert config["eval"]["steps"] == 5
@@ -388,8 +415,8 @@ def test_text_dry_run(method, model, dataset):
     check_colocated(config, SINGLE_NODE_GPUS)
     assert config["actor"]["model_name_or_path"] == TEXT_MODELS[(model, dataset)]
     assert config["data"]["max_images_per_prompt"] == 0
-    assert config["data"]["prompt_dataset"] == os.path.join(REPO, "data", dataset, "train.jsonl")
-    assert config["eval"]["dataset"] == os.path.join(REPO, "data", dataset, "test.jsonl")
+    assert config["data"]["prompt_dataset"] == os.path.join(data_dir(), dataset, "train.jsonl")
+    assert config["eval"]["dataset"] == os.path.join(data_dir(), dataset, "test.jsonl")
     assert config["data"]["max_samples"] % config["rollout"]["batch_size"] == 0
     assert config["ckpt"]["output_dir"].endswith(f"/{dataset}-{method}-{model}")
 
@@ -555,7 +582,7 @@ def test_prepare_data_writes_where_the_text_scripts_read(tmp_path):
     raw.mkdir()
     row = json.dumps({"question": "What is 1 + 2?", "answer": "1 + 2 = 3\n#### 3"})
     for split in ("train", "test"):
-        (raw / f"{split}.jsonl").write_text(row + "\n")
+        (raw / f"{split}.jsonl").write_text((row + "\n") * 128)  # one rollout batch of the text recipe
     out = tmp_path / "data"
     proc = run("data/prepare_data.sh", "--from-disk", str(raw), "--no-progress", DATASETS="gsm8k", DATA_DIR=out)
     assert proc.returncode == 0, proc.stderr

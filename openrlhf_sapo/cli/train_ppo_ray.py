@@ -463,6 +463,26 @@ def check_before_upstream(args: SimpleNamespace) -> None:
                           "the reward model), or --reward.remote_url / --train.agent_func_path with "
                           "--actor.model_name_or_path (the critic then defaults to the actor)")
 
+    # Upstream options a run depends on that upstream checks late (in a worker, after the models load) or never.
+    ranges = (
+        ("--actor.dual_clip", args.actor.dual_clip, lambda v: v is None or v > 1.0,
+         "must be > 1 (a cap of c * A on the loss of negative-advantage tokens; the release uses 3)"),
+        ("--actor.eps_clip", args.actor.eps_clip, lambda v: 0.0 < v < 1.0, "must be in (0, 1)"),
+        ("--actor.eps_clip_low_high", args.actor.eps_clip_low_high,
+         lambda v: v is None or (0.0 < v[0] < 1.0 and v[1] > 0.0), "must be LOW in (0, 1) and HIGH > 0 (0.2 0.28)"),
+        ("--critic.value_clip", args.critic.value_clip, lambda v: v is None or v > 0.0, "must be > 0 (0.5)"),
+        ("--rollout.temperature", args.rollout.temperature, lambda v: v > 0.0, "must be > 0"),
+        ("--rollout.top_p", args.rollout.top_p, lambda v: 0.0 < v <= 1.0, "must be in (0, 1]"),
+        ("--rollout.n_samples_per_prompt", args.rollout.n_samples_per_prompt, lambda v: v >= 1, "must be >= 1"),
+        ("--algo.kl.init_coef", args.algo.kl.init_coef, lambda v: v >= 0.0, "must be >= 0 (0 drops the KL term)"),
+        ("--actor.adam.lr", args.actor.adam.lr, lambda v: v > 0.0, "must be > 0"),
+        ("--critic.adam.lr", args.critic.adam.lr, lambda v: v > 0.0, "must be > 0"),
+    )
+    for flag, value, ok, rule in ranges:
+        if not ok(value):
+            shown = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+            raise ConfigError(f"{flag} {rule}, got {shown}")
+
     # --rollout.max_new_tokens None: upstream generates up to max_len - prompt length per sample
     for flag, value in (("--rollout.max_new_tokens", args.rollout.max_new_tokens), ("--data.max_len", args.data.max_len)):
         if value is not None and value < 1:
