@@ -467,9 +467,9 @@ def check_before_upstream(args: SimpleNamespace) -> None:
     ranges = (
         ("--actor.dual_clip", args.actor.dual_clip, lambda v: v is None or v > 1.0,
          "must be > 1 (a cap of c * A on the loss of negative-advantage tokens; the release uses 3)"),
-        ("--actor.eps_clip", args.actor.eps_clip, lambda v: 0.0 < v < 1.0, "must be in (0, 1)"),
+        ("--actor.eps_clip", args.actor.eps_clip, lambda v: v > 0.0, "must be > 0 (0.2)"),
         ("--actor.eps_clip_low_high", args.actor.eps_clip_low_high,
-         lambda v: v is None or (0.0 < v[0] < 1.0 and v[1] > 0.0), "must be LOW in (0, 1) and HIGH > 0 (0.2 0.28)"),
+         lambda v: v is None or (v[0] > 0.0 and v[1] > 0.0), "must be two values > 0 (0.2 0.28)"),
         ("--critic.value_clip", args.critic.value_clip, lambda v: v is None or v > 0.0, "must be > 0 (0.5)"),
         ("--rollout.temperature", args.rollout.temperature, lambda v: v > 0.0, "must be > 0"),
         ("--rollout.top_p", args.rollout.top_p, lambda v: 0.0 < v <= 1.0, "must be in (0, 1]"),
