@@ -40,27 +40,30 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _rank_args(rank: int, port: int, model_path: str, *extra: str):
+    """This process as rank `rank` of 2 (gloo, the CPU mode's set-up) and the ZeRO-3 arguments of a run."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK="0")
+    cpu_compat.apply()
+    cpu_compat.patch_distributed_for_cpu()
+    from openrlhf_sapo.cli.train_ppo_ray import parse_args
+
+    return parse_args([
+        "--actor.model_name_or_path", model_path, "--critic.model_name_or_path", model_path,
+        "--reward.remote_url", os.path.join(REPO, "openrlhf_sapo", "rewards", "math_reward.py"),
+        "--vllm.num_engines", "0", "--actor.num_gpus_per_node", "2", "--critic.num_gpus_per_node", "2",
+        "--ds.zero_stage", "3", "--ds.param_dtype", "bf16", "--ds.attn_implementation", "sdpa",
+        "--rollout.batch_size", "4", "--train.batch_size", "4", "--train.micro_batch_size", "2", *extra,
+    ])
+
+
 def _load_and_compare(rank: int, port: int, model_path: str, queue) -> None:
     try:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
-                          LOCAL_RANK="0")
-        cpu_compat.apply()
-        cpu_compat.patch_distributed_for_cpu()
+        args = _rank_args(rank, port, model_path, "--rollout.micro_batch_size", "2")
         import deepspeed
         from openrlhf.models import Actor
         from openrlhf.utils import get_strategy
         from safetensors.torch import load_file
 
-        from openrlhf_sapo.cli.train_ppo_ray import parse_args
-
-        args = parse_args([
-            "--actor.model_name_or_path", model_path, "--critic.model_name_or_path", model_path,
-            "--reward.remote_url", os.path.join(REPO, "openrlhf_sapo", "rewards", "math_reward.py"),
-            "--vllm.num_engines", "0", "--actor.num_gpus_per_node", "2", "--critic.num_gpus_per_node", "2",
-            "--ds.zero_stage", "3", "--ds.param_dtype", "bf16", "--ds.attn_implementation", "sdpa",
-            "--rollout.batch_size", "4", "--rollout.micro_batch_size", "2",
-            "--train.batch_size", "4", "--train.micro_batch_size", "2",
-        ])
         strategy = get_strategy(args)
         strategy.setup_distributed()
         checkpoint = {}
@@ -117,28 +120,16 @@ def _vlm_critic_under_zero3(rank: int, port: int, model_path: str, out: str, que
     """One rank of upstream's CriticModelActor (SAPO's worker class, DeepSpeed ZeRO-3 engine, gloo):
     experience forwards, training rounds through upstream's ppo_train, save."""
     try:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
-                          LOCAL_RANK="0")
-        cpu_compat.apply()
-        cpu_compat.patch_distributed_for_cpu()
+        args = _rank_args(rank, port, model_path, "--algo.advantage.estimator", "sapo", "--data.max_images_per_prompt",
+                          "1", "--critic.adam.lr", "2e-3", "--critic.lr_warmup_ratio", "0", "--critic.lr_scheduler",
+                          "constant", "--critic.save_value_network", "--ckpt.output_dir", out,
+                          "--rollout.micro_batch_size", "1")
         from openrlhf.utils import get_strategy
 
         from openrlhf_sapo.algo import fixed_segment_ends
-        from openrlhf_sapo.cli.train_ppo_ray import parse_args
         from openrlhf_sapo.trainer.ray.ppo_critic import SapoCriticModelActor
         from tests.tiny_vlm import image_inputs, vlm_sequences
 
-        args = parse_args([
-            "--actor.model_name_or_path", model_path, "--critic.model_name_or_path", model_path,
-            "--reward.remote_url", os.path.join(REPO, "openrlhf_sapo", "rewards", "math_reward.py"),
-            "--algo.advantage.estimator", "sapo", "--data.max_images_per_prompt", "1",
-            "--vllm.num_engines", "0", "--actor.num_gpus_per_node", "2", "--critic.num_gpus_per_node", "2",
-            "--ds.zero_stage", "3", "--ds.param_dtype", "bf16", "--ds.attn_implementation", "sdpa",
-            "--critic.adam.lr", "2e-3", "--critic.lr_warmup_ratio", "0", "--critic.lr_scheduler", "constant",
-            "--critic.save_value_network", "--ckpt.output_dir", out,
-            "--rollout.batch_size", "4", "--rollout.micro_batch_size", "1",
-            "--train.batch_size", "4", "--train.micro_batch_size", "2",
-        ])
         cls = SapoCriticModelActor.__ray_actor_class__
         worker = cls.__new__(cls)
         worker.__init__(2, rank, "127.0.0.1", port)  # applies the patches, as in a Ray worker
