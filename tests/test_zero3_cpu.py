@@ -56,6 +56,24 @@ def _rank_args(rank: int, port: int, model_path: str, *extra: str):
     ])
 
 
+def _run_two_ranks(target, *args, timeout: float = 400) -> list:
+    """target(rank, port, *args, queue) in two spawned processes; their (rank, ...) results by rank.
+    Both processes are joined, and killed if still alive, also on failure."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=target, args=(rank, port, *args, queue)) for rank in range(2)]
+    for proc in procs:
+        proc.start()
+    try:
+        return sorted((queue.get(timeout=timeout) for _ in procs), key=lambda result: result[0])
+    finally:
+        for proc in procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+
+
 def _load_and_compare(rank: int, port: int, model_path: str, queue) -> None:
     try:
         args = _rank_args(rank, port, model_path, "--rollout.micro_batch_size", "2")
@@ -90,19 +108,7 @@ def test_zero3_loading_across_two_gloo_ranks_equals_the_checkpoint(tmp_path):
     from openrlhf_sapo.demo.tiny_models import build_tiny_qwen2
 
     model_path = build_tiny_qwen2(str(tmp_path / "model"))
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_load_and_compare, args=(rank, port, model_path, queue)) for rank in range(2)]
-    for proc in procs:
-        proc.start()
-    try:
-        results = sorted(queue.get(timeout=300) for _ in procs)
-    finally:
-        for proc in procs:
-            proc.join(timeout=30)
-            if proc.is_alive():
-                proc.kill()
+    results = _run_two_ranks(_load_and_compare, model_path, timeout=300)
     for rank, zero, loads in results:
         assert zero is not None, f"rank {rank} failed:\n{loads}"
         assert zero["stage"] == 3 and zero["stage3_allgather_sequential"] is True
@@ -171,19 +177,7 @@ def test_vlm_critic_trains_and_saves_under_zero3_across_two_gloo_ranks(tmp_path,
 
     model_path = build_tiny_qwen2_5_vl(str(tmp_path / "vlm"), tie_word_embeddings=tied)
     out = str(tmp_path / "out")
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_vlm_critic_under_zero3_entry, args=(rank, port, model_path, out, queue)) for rank in range(2)]
-    for proc in procs:
-        proc.start()
-    try:
-        results = sorted((queue.get(timeout=400) for _ in procs), key=lambda r: r[0])
-    finally:
-        for proc in procs:
-            proc.join(timeout=30)
-            if proc.is_alive():
-                proc.kill()
+    results = _run_two_ranks(_vlm_critic_under_zero3_entry, model_path, out)
     for rank, zero, result in results:
         assert zero == 3, f"rank {rank} failed:\n{result}"
     results = [(rank, zero, torch.load(io.BytesIO(data))) for rank, zero, data in results]
