@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 TESTS ?= tests
 
-.PHONY: install test bench demo e2e docker-test lock clean
+.PHONY: install test bench demo e2e e2e-slurm docker-test lock clean
 
 install:
 	@tools/install_cpu.sh
@@ -25,6 +25,11 @@ demo: install
 # runs/e2e/report.md; see tests/cluster/e2e.py.
 e2e: install
 	$(PY) -m tests.cluster.e2e $(E2E_ARGS)
+
+# examples/scripts/multinode/slurm_sapo.sbatch on a 2-node Slurm cluster in the same namespaces (installs
+# Debian's Slurm and munge when missing; needs root); see tests/cluster/slurm.py.
+e2e-slurm: install
+	$(PY) -m tests.cluster.slurm
 
 # Builds dockerfiles/Dockerfile.cpu here (installing Docker and a local Debian base image when
 # missing) and runs the quick demo and a test subset in it; see tools/docker_test.sh.
