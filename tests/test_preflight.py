@@ -106,6 +106,15 @@ def test_a_hub_name_is_left_to_the_hub_unless_offline(monkeypatch, tmp_path):
     problems = preflight.Problems()
     preflight.check_datasets(args, problems)
     assert not problems
+    (tmp_path / "data").mkdir()  # `data/name` under a folder that exists here is a local path, and missing
+    monkeypatch.chdir(tmp_path)
+    args.data.prompt_dataset = "data/name"
+    preflight.check_datasets(args, problems)
+    assert problems.lines() == ["--data.prompt_dataset data/name: no such file or folder (a local path, so it is not "
+                                "looked up on the Hugging Face hub): check the path, relative to the directory the run "
+                                "starts in"]
+    problems = preflight.Problems()
+    args.data.prompt_dataset = "owner/name"
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     preflight.check_datasets(args, problems)
     assert "not a local path, and the hub is offline" in problems.lines()[0]

@@ -61,9 +61,11 @@ class Problems:
 
 
 def looks_local(name: str) -> bool:
-    """A path rather than a hub name: absolute, relative with ./ ../ ~, a file extension, or deeper than owner/name."""
+    """A path rather than a hub name: absolute, relative with ./ ../ ~, a file extension, deeper than
+    owner/name, or under a folder that exists here (`data/geo3k` when ./data exists)."""
     return (name.startswith(("/", "./", "../", "~")) or name.lower().endswith(LOCAL_EXTENSIONS)
-            or name.count("/") > 1 or os.sep != "/" and os.sep in name)
+            or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
+            or ("/" in name and os.path.isdir(name.split("/")[0])))
 
 
 def dataset_paths(value: Optional[str]) -> List[str]:
