@@ -89,8 +89,44 @@ def check_can_create(min_free_gib: float = MIN_FREE_GIB) -> None:
                                  f"training runs needs about {min_free_gib:g} GiB: stop other work first")
 
 
+class Managed:
+    """`with X(...) as x:` for what a test starts: start() (stop() if it fails), stop() on leaving, and on
+    SIGINT / SIGTERM (Ctrl-C) stop() then KeyboardInterrupt. Subclasses define start() and stop(), and
+    stop() calls _restore_signals()."""
+
+    _old_handlers: dict
+
+    def __enter__(self):
+        self._trap_signals()
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _trap_signals(self) -> None:
+        def handler(signum, frame):
+            self.stop()
+            raise KeyboardInterrupt(f"signal {signum}: everything started was stopped")
+
+        self._old_handlers = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # not the main thread
+                self._old_handlers[sig] = signal.signal(sig, handler)
+
+    def _restore_signals(self) -> None:
+        for sig, old in getattr(self, "_old_handlers", {}).items():
+            with contextlib.suppress(ValueError):
+                signal.signal(sig, old)
+        self._old_handlers = {}
+
+
 @dataclass
-class Cluster:
+class Cluster(Managed):
     workdir: str
     gpus_per_node: int = 4
     cpus_per_node: int = 8
@@ -106,7 +142,6 @@ class Cluster:
         }
         self._procs: List[subprocess.Popen] = []
         self._made_namespaces: List[str] = []
-        self._old_handlers = {}
 
     # ------------------------------------------------------------ public
 
@@ -135,18 +170,6 @@ class Cluster:
         })
         env.update(self.env)
         return env
-
-    def __enter__(self) -> "Cluster":
-        self._trap_signals()
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
     def start(self) -> None:
         check_can_create()
@@ -325,20 +348,6 @@ class Cluster:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, sig)
 
-    def _trap_signals(self) -> None:
-        def handler(signum, frame):
-            self.stop()
-            raise KeyboardInterrupt(f"signal {signum}: cluster torn down")
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(ValueError):  # not the main thread
-                self._old_handlers[sig] = signal.signal(sig, handler)
-
-    def _restore_signals(self) -> None:
-        for sig, old in self._old_handlers.items():
-            with contextlib.suppress(ValueError):
-                signal.signal(sig, old)
-        self._old_handlers.clear()
 
 
 def main(argv: Optional[List[str]] = None) -> int:

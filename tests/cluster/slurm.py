@@ -35,7 +35,7 @@ import time
 from typing import Dict, List, Optional
 
 from tests.cluster.e2e import REWARD, prepare_assets, scalars, scaled_flags
-from tests.cluster.harness import REPO, Cluster, ClusterUnavailable
+from tests.cluster.harness import REPO, Cluster, ClusterUnavailable, Managed
 
 SKIPPED = 77
 SLURM_PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
@@ -75,8 +75,8 @@ def slurm_conf(workdir: str, nodes: Dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-class SlurmCluster:
-    """munged, slurmctld and two slurmd in the harness's namespaces; stopped by pid."""
+class SlurmCluster(Managed):
+    """munged, slurmctld and two slurmd in the harness's namespaces; stopped by pid (also on Ctrl-C)."""
 
     def __init__(self, workdir: str):
         self.workdir = os.path.abspath(workdir)
@@ -85,17 +85,6 @@ class SlurmCluster:
         self.conf = os.path.join(self.workdir, "slurm.conf")
 
     # ------------------------------------------------------------ set-up
-
-    def __enter__(self) -> "SlurmCluster":
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
     def env(self) -> Dict[str, str]:
         env = self.network.node_env()
@@ -209,6 +198,7 @@ class SlurmCluster:
                 os.killpg(proc.pid, signal.SIGKILL)
         self.procs.clear()
         self.network.stop()  # kills whatever is left in the namespaces (job steps, Ray), deletes them
+        self._restore_signals()
 
 
 # ---------------------------------------------------------------- the runs
