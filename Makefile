@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 TESTS ?= tests
 
-.PHONY: install test bench demo e2e e2e-slurm docker-test lock clean
+.PHONY: install test bench demo e2e e2e-slurm e2e-multinode docker-test lock clean
 
 install:
 	@tools/install_cpu.sh
@@ -30,6 +30,11 @@ e2e: install
 # Debian's Slurm and munge when missing; needs root); see tests/cluster/slurm.py.
 e2e-slurm: install
 	$(PY) -m tests.cluster.slurm
+
+# The compose file's CPU services (the image of make docker-test) on an internal network: geo3k/sapo.sh
+# submitted from the head container, the worker container killed and the job resumed; see tests/cluster/compose.py.
+e2e-multinode: install
+	$(PY) -m tests.cluster.compose
 
 # Builds dockerfiles/Dockerfile.cpu here (installing Docker and a local Debian base image when
 # missing) and runs the quick demo and a test subset in it; see tools/docker_test.sh.
