@@ -80,8 +80,9 @@ class ComposeCluster(Managed):
                 if os.geteuid() != 0 or not shutil.which("apt-get"):
                     raise ClusterUnavailable(f"{tool} is missing and cannot be installed here (needs root and apt-get)")
                 package = "docker.io" if tool == "docker" else "docker-compose"
-                sh(["apt-get", "install", "-y", "--no-install-recommends", package], timeout=600, check=True,
-                   env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+                apt_env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+                sh(["apt-get", "update"], timeout=600, check=True, env=apt_env)
+                sh(["apt-get", "install", "-y", "--no-install-recommends", package], timeout=600, check=True, env=apt_env)
         if sh(["docker", "info"]).returncode != 0:
             log = open(os.path.join(os.path.dirname(self.workdir), "dockerd.log"), "ab")
             self.dockerd = subprocess.Popen(["dockerd"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
