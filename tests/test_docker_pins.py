@@ -10,9 +10,11 @@ import importlib.metadata
 import os
 import re
 import shutil
+import socket
 import subprocess
 import tempfile
 import sys
+import time
 import unittest.mock
 from pathlib import Path
 
@@ -374,10 +376,51 @@ def test_multinode_compose():
         assert "NCCL_SOCKET_IFNAME" in service["environment"]
         assert service["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
     assert "--head" in head["command"] and "--block" in head["command"]
-    assert any(arg.startswith("--address=") for arg in worker["command"])
+    assert "ray start --address=" in worker["command"][-1]
     text = (REPO / "dockerfiles/docker-compose.multinode.yml").read_text()
     submitted = re.findall(r"bash (examples/scripts/\S+\.sh)", text)
     assert submitted and all((REPO / s).is_file() for s in submitted), submitted
+
+
+def compose_command(service: str, env: dict) -> str:
+    """The service's `bash -c` script as the container runs it: compose's ${VAR:-default} interpolation, $$ -> $."""
+    compose = yaml.safe_load((REPO / "dockerfiles/docker-compose.multinode.yml").read_text())
+    script = compose["services"][service]["command"][-1]
+    script = re.sub(r"\$\{(\w+):-([^}]*)\}", lambda m: env.get(m.group(1)) or m.group(2), script)
+    return script.replace("$$", "$")
+
+
+@pytest.mark.parametrize("service, env_name", [("worker", "RAY_HEAD_IP"), ("worker-cpu", "SAPO_CPU_HEAD")])
+def test_compose_worker_waits_for_the_head_then_fails_naming_it(tmp_path, service, env_name):
+    """The workers' start script, run by bash as in the container (a `ray` on PATH records its arguments):
+    it joins a head that answers, and exits 1 naming the head and RAY_WAIT_S when none does."""
+    (tmp_path / "ray").write_text('#!/bin/sh\necho "ray $*"\n')
+    (tmp_path / "ray").chmod(0o755)
+    path = f"{tmp_path}:{os.environ['PATH']}"
+    with socket.socket() as listener:  # a head's GCS port that answers
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        env = {env_name: "127.0.0.1", "RAY_PORT": str(port), "RAY_WAIT_S": "3"}
+        script = compose_command(service, env)
+        if service == "worker-cpu":  # the CPU service's head port is the compose default
+            script = script.replace(":6379", f":{port}").replace("/6379", f"/{port}")
+        joined = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60,
+                                env={**os.environ, "PATH": path})
+    assert joined.returncode == 0, joined.stderr
+    assert f"ray start --address=127.0.0.1:{port}" in joined.stdout
+    assert "--block" in joined.stdout
+
+    started = time.time()
+    lost = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PATH": path})
+    assert lost.returncode == 1 and not lost.stdout
+    assert f"the Ray head 127.0.0.1:{port} did not answer within 3 s (RAY_WAIT_S)" in lost.stderr.replace("\n", " ")
+    assert time.time() - started < 30
+    if service == "worker":
+        unset = subprocess.run(["bash", "-c", compose_command(service, {})], capture_output=True, text=True,
+                               timeout=30, env={**os.environ, "PATH": path})
+        assert unset.returncode == 1 and "set RAY_HEAD_IP" in unset.stderr
 
 
 # ----------------------------------------------------------------------------- the shell scripts

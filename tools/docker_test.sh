@@ -10,7 +10,8 @@
 #   4. the image $IMAGE, with this machine's pip CA bundle (build secret `pip_ca`) and its local
 #      torch CPU wheel (dockerfiles/wheels/) as optional build inputs.
 # Environment: DOCKER_TEST_FRESH=1 builds without Docker's layer cache or the pip cache mount (CI);
-# DOCKER_TEST_PYTEST (the test subset); DOCKER_TEST_LOGS (default /tmp/openrlhf-sapo-docker-test).
+# DOCKER_TEST_PYTEST (the test subset); DOCKER_TEST_LOGS (default /tmp/openrlhf-sapo-docker-test);
+# DOCKER_TEST_BUILD_ONLY=1 stops after the build (make e2e-multinode builds a missing image this way).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -160,6 +161,11 @@ if [ -n "$previous" ] && [ "$previous" != "$("$DOCKER" image inspect -f '{{.Id}}
   "$DOCKER" rmi "$previous" >/dev/null 2>&1 || true  # the image this build replaced (5 GB), unless in use
 fi
 say "image built in $(elapsed "$t") ($("$DOCKER" image inspect -f '{{.Size}}' "$IMAGE" | awk '{printf "%.1f GB", $1/1e9}'))"
+
+if [ "${DOCKER_TEST_BUILD_ONLY:-0}" = 1 ]; then
+  say "DOCKER_TEST_BUILD_ONLY=1: built, nothing run in the image"
+  exit 0
+fi
 
 # ----------------------------------------------------------------------------- 5. inside the image
 in_image() {  # name, then docker run options and command

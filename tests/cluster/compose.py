@@ -4,12 +4,15 @@ CPU image of `make docker-test`, and `multinode/submit_sapo.sh` run from the hea
 The containers sit on the compose network `sapo`, made `internal: true` by an override file this test
 writes (no route out of this machine); the tiny VLM and data of `openrlhf_sapo.demo` (built by the e2e
 suite, runs/e2e/assets) are mounted at the same path in both, checkpoints and tensorboard under one
-shared folder. Checks what `make e2e` checks for geo3k/sapo.sh: the job succeeds, rewards / critic /
+shared folder. First, bad input: a worker started without its head exits 1 after RAY_WAIT_S naming the
+head, and a missing image fails naming it (in docker-compose and in this test), leaving nothing behind.
+Then it checks what `make e2e` checks for geo3k/sapo.sh: the job succeeds, rewards / critic /
 sapo/* metrics are logged, actor ranks sit in both containers, the engines' weights equal the actor's
 after every sync. Then the worker container is `docker kill`ed after the step-2 checkpoint (the job
 fails: its node is gone), started again (it rejoins the head), and the job resubmitted with
 `--ckpt.load_enable` continues at step 3. Everything is removed at the end (`docker-compose down`),
 on failure too; the dockerd this test starts, if none runs, is stopped.
+A missing CPU image is built first (tools/docker_test.sh with DOCKER_TEST_BUILD_ONLY=1) unless --no-build.
 Exit status 0 when every check held, 1 otherwise, 77 (skipped) with the reason when Docker, the image
 or compose are not available.
 """
@@ -45,9 +48,10 @@ def sh(cmd: List[str], timeout: float = 120, check: bool = False, **kwargs) -> s
 class ComposeCluster(Managed):
     """The compose file's CPU head and worker on an internal network; removed by `docker-compose down`."""
 
-    def __init__(self, workdir: str, assets: str):
+    def __init__(self, workdir: str, assets: str, image: str = IMAGE, build: bool = True):
         self.workdir = os.path.abspath(workdir)
         self.assets = assets
+        self.image, self.build = image, build
         self.project = f"sapo-e2e-{os.getpid()}"
         self.override = os.path.join(self.workdir, "override.yml")
         self.dockerd: Optional[subprocess.Popen] = None
@@ -55,12 +59,13 @@ class ComposeCluster(Managed):
     # ------------------------------------------------------------ set-up
 
     def compose(self, *args: str, timeout: float = 300, check: bool = True, env: Optional[Dict[str, str]] = None):
-        environ = dict(os.environ, SAPO_CPU_IMAGE=IMAGE, SAPO_DATA_DIR=self.assets,
-                       SAPO_CKPT_DIR=os.path.join(self.workdir, "shared"), GPUS_PER_NODE="1", **(env or {}))
+        environ = {**os.environ, "SAPO_CPU_IMAGE": self.image, "SAPO_DATA_DIR": self.assets,
+                   "SAPO_CKPT_DIR": os.path.join(self.workdir, "shared"), "GPUS_PER_NODE": "1", **(env or {})}
         return sh(["docker-compose", "-p", self.project, "-f", COMPOSE_FILE, "-f", self.override, "--profile", "cpu",
                    *args], timeout=timeout, check=check, env=environ, cwd=REPO)
 
     def start(self) -> None:
+        """Docker, the image and the override file; the nodes come up in up()."""
         self.ensure_docker()
         shutil.rmtree(self.workdir, ignore_errors=True)
         os.makedirs(os.path.join(self.workdir, "shared"))
@@ -69,6 +74,8 @@ class ComposeCluster(Managed):
             f.write("services:\n" + "".join(
                 f"  {s}:\n    volumes:\n      - {self.assets}:{self.assets}:ro\n" for s in ("head-cpu", "worker-cpu"))
                 + "networks:\n  sapo:\n    internal: true\n")
+
+    def up(self) -> None:
         self.compose("up", "-d", "head-cpu")
         self.wait_nodes(1)
         self.compose("up", "-d", "--no-deps", "worker-cpu")
@@ -93,9 +100,15 @@ class ComposeCluster(Managed):
                 time.sleep(1)
             else:
                 raise ClusterUnavailable("dockerd did not start (see dockerd.log)")
-        if sh(["docker", "image", "inspect", IMAGE]).returncode != 0:
-            raise ClusterUnavailable(f"the CPU image {IMAGE} is missing: build it with `make docker-test` "
-                                     "(or set SAPO_CPU_IMAGE to an image built from dockerfiles/Dockerfile.cpu)")
+        if sh(["docker", "image", "inspect", self.image]).returncode != 0 and self.build:
+            print(f"[compose] the CPU image {self.image} is missing: building it (tools/docker_test.sh, "
+                  "DOCKER_TEST_BUILD_ONLY=1; several minutes)", flush=True)
+            sh(["bash", "tools/docker_test.sh"], timeout=3600, cwd=REPO,
+               env=dict(os.environ, IMAGE=self.image, DOCKER_TEST_BUILD_ONLY="1"))
+        if sh(["docker", "image", "inspect", self.image]).returncode != 0:
+            raise ClusterUnavailable(f"the CPU image {self.image} is missing and was not built: build it with "
+                                     "`make docker-test` (or set SAPO_CPU_IMAGE to an image built from "
+                                     "dockerfiles/Dockerfile.cpu)")
 
     def exec(self, service: str, cmd: List[str], timeout: float = 120, env: Optional[Dict[str, str]] = None):
         flags = [arg for k, v in (env or {}).items() for arg in ("-e", f"{k}={v}")]
@@ -120,6 +133,11 @@ class ComposeCluster(Managed):
         logs = self.compose("logs", "--tail", "5", "--no-color", check=False).stdout
         raise ClusterUnavailable(f"the compose cluster did not reach {count} active Ray nodes in {timeout:.0f} s "
                                  f"({seen} active); the containers' last lines:\n{logs}")
+
+    def running(self) -> List[str]:
+        """This project's containers that exist (running or not)."""
+        out = sh(["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={self.project}"]).stdout
+        return out.split()
 
     def ip(self, service: str) -> str:
         return self.exec(service, ["hostname", "-i"]).stdout.split()[0]
@@ -152,12 +170,44 @@ def job_env(paths: Dict[str, str], run_name: str) -> Dict[str, str]:
     }
 
 
-def run(workdir: str, timeout: float) -> Dict[str, Dict[str, bool]]:
+def bad_input(cluster: ComposeCluster) -> Dict[str, bool]:
+    """Before the cluster is up: a worker whose head never answers, an image that does not exist."""
+    started = time.time()
+    cluster.compose("up", "-d", "--no-deps", "worker-cpu", env={"RAY_WAIT_S": "5"})
+    worker = f"{cluster.project}_worker-cpu_1"
+    try:
+        status = sh(["docker", "wait", worker], timeout=90).stdout.strip()
+    except subprocess.TimeoutExpired:
+        status = "still running after 90 s"
+    seconds = time.time() - started
+    logs = sh(["docker", "logs", worker])
+    cluster.compose("rm", "-fsv", "worker-cpu")
+    missing = "openrlhf-sapo:no-such-image"
+    up = cluster.compose("up", "-d", "head-cpu", env={"SAPO_CPU_IMAGE": missing}, check=False, timeout=120)
+    try:
+        with ComposeCluster(cluster.workdir + "-missing", cluster.assets, image=missing, build=False):
+            harness_message = ""
+    except ClusterUnavailable as err:
+        harness_message = str(err)
+    return {
+        f"a worker without its head exits 1 ({seconds:.0f} s, status {status})": status == "1" and seconds < 60,
+        "... naming the head and RAY_WAIT_S": "the Ray head head-cpu:6379 did not answer within 5 s (RAY_WAIT_S)"
+        in logs.stdout + logs.stderr,
+        "a missing image: docker-compose up fails naming it": up.returncode != 0 and missing in up.stdout + up.stderr,
+        "a missing image: make e2e-multinode (--no-build) names it and make docker-test":
+        missing in harness_message and "make docker-test" in harness_message,
+        "nothing left of either": not cluster.running(),
+    }
+
+
+def run(workdir: str, timeout: float, build: bool = True) -> Dict[str, Dict[str, bool]]:
     assets_root = os.path.join(os.path.dirname(workdir), "e2e", "assets")
     paths = prepare_assets(assets_root)
     flags = [*scaled_flags(4, max_len=128), "--algo.kl.init_coef", "0"]
     results = {}
-    with ComposeCluster(workdir, os.path.abspath(assets_root)) as cluster:
+    with ComposeCluster(workdir, os.path.abspath(assets_root), build=build) as cluster:
+        results["bad input"] = bad_input(cluster)
+        cluster.up()
         shared = os.path.join(cluster.workdir, "shared")
         ips = {cluster.ip("head-cpu"), cluster.ip("worker-cpu")}
         submit = ["bash", "examples/scripts/multinode/submit_sapo.sh", *flags]
@@ -217,9 +267,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description="the compose file's CPU cluster, geo3k/sapo.sh submitted from its head")
     parser.add_argument("--workdir", default=os.path.join(REPO, "runs", "e2e-multinode"))
     parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument("--no-build", dest="build", action="store_false",
+                        help="fail instead of building the CPU image when it is missing")
     args = parser.parse_args(argv)
     try:
-        results = run(os.path.abspath(args.workdir), args.timeout)
+        results = run(os.path.abspath(args.workdir), args.timeout, args.build)
     except ClusterUnavailable as err:
         print(f"[compose] skipped: {err}", flush=True)
         return SKIPPED
