@@ -26,7 +26,7 @@ from typing import Callable, Dict
 import torch
 
 from .algo import entropy_segment_ends, sapo_policy_loss, sapo_value_loss, segment_gae
-from .seam import upstream
+from .upstream import upstream
 
 TARGETS = {"advantages": 1.0, "policy_loss": 1.5, "value_loss": 1.5}
 

@@ -16,7 +16,7 @@ from openrlhf_sapo.algo import (
     segment_gae,
     segment_log_ratio,
 )
-from openrlhf_sapo.seam import upstream
+from openrlhf_sapo.upstream import upstream
 
 PolicyLoss = upstream("openrlhf.models.loss", "PolicyLoss")
 ValueLoss = upstream("openrlhf.models.loss", "ValueLoss")

@@ -21,7 +21,8 @@ from types import SimpleNamespace
 import pytest
 
 from openrlhf_sapo import OPENRLHF_VERSION
-from openrlhf_sapo import seam
+from openrlhf_sapo import patches
+from openrlhf_sapo import upstream as sapo_upstream
 from openrlhf_sapo.cli import train_ppo_ray as cli
 from tests.fixtures.upstream_example_flags import EXAMPLES, PPO_HYBRID_ENGINE, VLM_MATH_HYBRID_ENGINE, with_flag
 
@@ -265,18 +266,17 @@ def test_sapo_flags_are_carried_with_other_estimators():
     assert (args.algo.sapo.segmenter, args.algo.sapo.topk_percent) == ("newline", 10.0)
 
 
-def test_segmenter_names_and_step_pattern_match_the_algorithm():
-    """The CLI does not import torch for a parser; its copies of the names must match openrlhf_sapo.algo."""
-    path = os.path.join(REPO, "openrlhf_sapo", "algo", "segmenters.py")
-    tree = ast.parse(open(path, encoding="utf-8").read())
-    values = {}
-    for node in tree.body:
-        target = node.target if isinstance(node, ast.AnnAssign) else (node.targets[0] if isinstance(node, ast.Assign)
-                                                                     else None)
-        if isinstance(target, ast.Name):
-            values[target.id] = node.value
-    assert [ast.literal_eval(k) for k in values["SEGMENTERS"].keys] == list(cli.SEGMENTERS)
-    assert ast.literal_eval(values["DEFAULT_STEP_PATTERN"]) == cli.DEFAULT_STEP_PATTERN
+def test_segmenter_choices_and_flags_come_from_the_registry():
+    """The CLI does not import torch for a parser: its segmenter choices, option flags and defaults are
+    read from openrlhf_sapo.config.SEGMENTERS, as the algorithm's registry is."""
+    from openrlhf_sapo import algo, config
+
+    parser_actions = {a.dest: a for a in cli.build_parser()._actions}
+    assert list(parser_actions["algo.sapo.segmenter"].choices) == list(config.SEGMENTERS) == list(algo.SEGMENTERS)
+    for flag, (name, option) in config.segmenter_flags().items():
+        assert parser_actions[f"algo.sapo.{flag}"].default == option.default == config.SAPO_DEFAULTS[flag]
+        assert option.argument in algo.get_segmenter(name).options
+    assert algo.DEFAULT_STEP_PATTERN == config.SAPO_DEFAULTS["step_pattern"] == r"Step \d+"
 
 
 # ---------------------------------------------------------------- SAPO keeps the critic
@@ -517,8 +517,8 @@ def test_assertion_message_points_into_the_upstream_file(capsys):
 
 def test_main_dry_run_prints_the_config_and_starts_nothing(monkeypatch, capsys):
     calls = []
-    monkeypatch.setattr(seam, "install_for_training", lambda args, **kw: calls.append("install"), raising=False)
-    monkeypatch.setattr(seam, "upstream", lambda module, attribute: calls.append("train"))
+    monkeypatch.setattr(patches, "install_for_training", lambda args, **kw: calls.append("install"), raising=False)
+    monkeypatch.setattr(sapo_upstream, "upstream", lambda module, attribute: calls.append("train"))
     cli.main([*SAPO, "--dry-run"])
     out = capsys.readouterr().out
     config = json.loads(out)
@@ -529,14 +529,14 @@ def test_main_dry_run_prints_the_config_and_starts_nothing(monkeypatch, capsys):
 
 def test_main_installs_sapo_then_runs_upstream_train(monkeypatch):
     calls = []
-    monkeypatch.setattr(seam, "install_for_training", lambda args, **kw: calls.append(("install", args, kw)) or [], raising=False)
+    monkeypatch.setattr(patches, "install_for_training", lambda args, **kw: calls.append(("install", args, kw)) or [], raising=False)
     trains = []
 
     def fake_upstream(module, attribute):
-        trains.append((module, attribute))  # main() runs OpenRLHF's own train(), through the seam
+        trains.append((module, attribute))  # main() runs OpenRLHF's own train(), through openrlhf_sapo.upstream
         return lambda args: calls.append(("train", args))
 
-    monkeypatch.setattr(seam, "upstream", fake_upstream)
+    monkeypatch.setattr(sapo_upstream, "upstream", fake_upstream)
     cli.main(SAPO)
     assert trains == [("openrlhf.cli.train_ppo_ray", "train")]
     assert [call[0] for call in calls] == ["install", "train"] and calls[0][2] == {"ray_driver": True}
@@ -594,7 +594,7 @@ def test_changed_upstream_raises_upstream_mismatch(name):
     modify, fragment = MODIFIED_SOURCES[name]
     source = modify(upstream_source())
     assert source != upstream_source()
-    with pytest.raises(seam.UpstreamMismatch) as err:
+    with pytest.raises(sapo_upstream.UpstreamMismatch) as err:
         cli.extract_upstream_main(source, "train_ppo_ray.py")
     message = str(err.value)
     assert fragment in message, message
@@ -614,5 +614,5 @@ def test_extraction_falls_back_to_the_module_namespace_for_non_import_globals():
     main = cli.extract_upstream_main(source, "train_ppo_ray.py", import_module=lambda: fake)
     assert main.build_parser().marked == "module"  # HELPER came from the imported module's namespace
     missing = types.ModuleType("fake_upstream")
-    with pytest.raises(seam.UpstreamMismatch, match="uses \\['HELPER', 'argparse', 'datetime'\\]"):
+    with pytest.raises(sapo_upstream.UpstreamMismatch, match="uses \\['HELPER', 'argparse', 'datetime'\\]"):
         cli.extract_upstream_main(source, "train_ppo_ray.py", import_module=lambda: missing)

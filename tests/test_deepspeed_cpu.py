@@ -45,7 +45,7 @@ def _free_port() -> int:
 def workers(tmp_path_factory):
     import torch.distributed as dist
 
-    from openrlhf_sapo import seam
+    from openrlhf_sapo import patches
     from openrlhf_sapo.cli.train_ppo_ray import parse_args
     from openrlhf_sapo.demo.tiny_models import build_tiny_qwen2
 
@@ -81,7 +81,7 @@ def workers(tmp_path_factory):
             "--actor.eps_clip", "10",
         ]
     )
-    seam.apply_patches()
+    patches.apply_patches()
     environ = dict(os.environ)  # the workers and DeepSpeed export MASTER_ADDR, RANK, LOCAL_RANK, ...
     cpu_compat.patch_distributed_for_cpu()
     try:

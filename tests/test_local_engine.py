@@ -1,5 +1,5 @@
 """The single-process backend's stand-ins for vLLM and Ray: the batched HF rollout engine behind
-upstream's own agent executor, the in-process object store and actor group, and the seam that
+upstream's own agent executor, the in-process object store and actor group, and openrlhf_sapo.upstream.local_ray that
 installs the store in upstream's modules. Tiny random models, no DeepSpeed: seconds."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import types
 import pytest
 import torch
 
-from openrlhf_sapo import seam
+from openrlhf_sapo import upstream as sapo_upstream
 from openrlhf_sapo.trainer.local.hf_engine import HFRolloutEngine
 from openrlhf_sapo.trainer.local.launcher import LocalActorGroup, LocalHandle, LocalObjectStore, LocalRef
 
@@ -130,7 +130,7 @@ def test_upstream_executor_reward_and_vision_tokens_suppressed(tmp_path):
     path = build_tiny_qwen2_5_vl(str(tmp_path / "vlm"))
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
     processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
-    executor_cls = seam.upstream("openrlhf.utils.agent", "SingleTurnAgentExecutor")
+    executor_cls = sapo_upstream.upstream("openrlhf.utils.agent", "SingleTurnAgentExecutor")
     reward_file = str(tmp_path / "reward.py")
     with open(reward_file, "w") as f:
         f.write("import torch\ndef reward_func(queries, prompts, labels):\n"
@@ -205,22 +205,22 @@ def test_actor_group_dispatches_like_ray():
 def test_local_ray_swaps_and_restores_upstream_ray(monkeypatch):
     import importlib
 
-    originals = {name: importlib.import_module(name).ray for name in seam.LOCAL_RAY_MODULES}
+    originals = {name: importlib.import_module(name).ray for name in sapo_upstream.LOCAL_RAY_MODULES}
     store = LocalObjectStore()
-    with seam.local_ray(store):
-        for name in seam.LOCAL_RAY_MODULES:
+    with sapo_upstream.local_ray(store):
+        for name in sapo_upstream.LOCAL_RAY_MODULES:
             module = importlib.import_module(name)
             assert module.ray.get == store.get and module.ray.put == store.put
     for name, original in originals.items():
         assert importlib.import_module(name).ray is original
     # A module calling anything else on ray at run time is refused before the run starts.
     fake = types.ModuleType("fake_upstream_module")
-    real_ray = originals[seam.LOCAL_RAY_MODULES[0]]
+    real_ray = originals[sapo_upstream.LOCAL_RAY_MODULES[0]]
     fake.ray = real_ray
     monkeypatch.setitem(__import__("sys").modules, "fake_upstream_module", fake)
-    monkeypatch.setattr(seam, "LOCAL_RAY_MODULES", ("fake_upstream_module",))
-    monkeypatch.setattr(seam.inspect, "getsource", lambda module: "ray.kill(actor)\nray.get(x)\n")
-    with pytest.raises(seam.UpstreamMismatch, match="kill"):
-        with seam.local_ray(store):
+    monkeypatch.setattr(sapo_upstream, "LOCAL_RAY_MODULES", ("fake_upstream_module",))
+    monkeypatch.setattr(sapo_upstream.inspect, "getsource", lambda module: "ray.kill(actor)\nray.get(x)\n")
+    with pytest.raises(sapo_upstream.UpstreamMismatch, match="kill"):
+        with sapo_upstream.local_ray(store):
             pass
     assert fake.ray is real_ray  # refused before anything was swapped

@@ -11,7 +11,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from openrlhf_sapo import seam
+from openrlhf_sapo import patches
+from openrlhf_sapo import upstream as sapo_upstream
 from openrlhf_sapo.algo import (
     entropy_segment_ends,
     fixed_segment_ends,
@@ -24,7 +25,7 @@ from openrlhf_sapo.models.loss import SegmentPolicyLoss
 from openrlhf_sapo.models import utils as models_utils
 from openrlhf_sapo.models.utils import chunked_entropy
 
-seam.apply_patches()
+patches.apply_patches()
 
 from openrlhf.models import Actor  # noqa: E402
 from openrlhf.models.loss import PolicyLoss, ValueLoss  # noqa: E402
@@ -109,30 +110,78 @@ def make_maker(cls, args):
     return cls(None, None, None, None, SimpleNamespace(value=0.001), strategy, tokenizer=None)
 
 
-# ---------------------------------------------------------------- seam
+# ---------------------------------------------------------------- patches
 
 
 def test_patches_rebind_upstream_and_are_idempotent():
-    seam.apply_patches()
+    patches.apply_patches()
+    patches.apply_patches()
     from openrlhf.trainer.ppo_utils import samples_generator
     import openrlhf.trainer.ppo_trainer as ppo_trainer
 
     assert upstream_experience.Experience is SegmentExperience
     assert samples_generator.Experience is SegmentExperience
     assert ppo_trainer.RemoteExperienceMaker is SegmentExperienceMaker
-    listed = {id(seam.upstream(m, a)) for m, a, _ in seam.UPSTREAM_SYMBOLS}
-    for module, attribute, replacement in seam.patch_table():
-        assert getattr(__import__(module, fromlist=[attribute]), attribute) is replacement
-        # Every upstream object a patch replaces is one the seam lists.
-        assert id(seam.replaced_by(replacement)) in listed, (module, attribute)
+    listed = {id(sapo_upstream.upstream(m, a)) for m, a, _ in sapo_upstream.UPSTREAM_SYMBOLS}
+    assert len(sapo_upstream.REPLACEMENTS) == 13
+    for row in sapo_upstream.REPLACEMENTS:
+        for module in row.rebind_in:
+            assert getattr(__import__(module, fromlist=[row.attribute]), row.attribute) is row.replacement
+        # Every upstream object a patch replaces is one upstream.py lists, and upstream() still finds it.
+        assert id(row.original) in listed, row
+        assert sapo_upstream.original_of(row.replacement) is row.original
+    assert patches.originals_left() == []
 
 
 def test_rebind_refuses_an_unexpected_upstream_object(monkeypatch):
     import openrlhf.trainer.ppo_trainer as ppo_trainer
 
     monkeypatch.setattr(ppo_trainer, "RemoteExperienceMaker", object)
-    with pytest.raises(seam.UpstreamMismatch, match="not the upstream object"):
-        seam.rebind("openrlhf.trainer.ppo_trainer", "RemoteExperienceMaker", SegmentExperienceMaker)
+    with pytest.raises(sapo_upstream.UpstreamMismatch, match="not the upstream object"):
+        sapo_upstream.rebind("openrlhf.trainer.ppo_trainer", "RemoteExperienceMaker", SegmentExperienceMaker,
+                             RemoteExperienceMaker)
+
+
+HOSTILE_ORDER = """
+import importlib, pkgutil, sys, types
+import openrlhf_sapo.upstream as up
+up.prepare()
+import openrlhf
+for info in pkgutil.walk_packages(openrlhf.__path__, "openrlhf."):  # every upstream module first
+    try:
+        importlib.import_module(info.name)
+    except Exception:
+        pass
+{probe}
+from openrlhf_sapo import patches
+try:
+    patches.apply_patches()
+except up.UpstreamMismatch as err:
+    print("REFUSED", err)
+else:
+    print("APPLIED", len(sys.modules))
+"""
+
+
+@pytest.mark.parametrize("probe", ["", "late"])
+def test_the_sweep_catches_a_module_that_kept_an_original(probe):
+    """A fresh process imports every upstream module before the patches (the most hostile order):
+    the registry's lists cover them all. A module that imported Experience itself and is on no list
+    (a stand-in for an upstream module added by a new release) makes apply_patches fail, naming it."""
+    import subprocess
+    import sys
+
+    code = HOSTILE_ORDER.format(probe="" if not probe else (
+        "late = types.ModuleType('openrlhf.trainer.late_module')\n"
+        "from openrlhf.trainer.ppo_utils.experience import Experience as _E\n"
+        "late.Experience = _E\nsys.modules['openrlhf.trainer.late_module'] = late"))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    if probe:
+        assert "REFUSED" in out.stdout and "openrlhf.trainer.late_module.Experience" in out.stdout
+        assert "also_in" in out.stdout
+    else:
+        assert "APPLIED" in out.stdout, out.stdout[-2000:]
 
 
 def test_remote_subclasses_apply_the_patches_in_their_worker(tmp_path):
@@ -166,7 +215,7 @@ print(*before, experience.Experience.__name__, ppo_actor.ActorPPOTrainer.__name_
     # The trainer: seeded from the strategy before upstream's __init__ builds the prompt loader.
     seen = []
     trainer_cls = SapoPPOTrainer.__ray_actor_class__
-    base = SapoPPOTrainer.__sapo_replaces__.__ray_actor_class__
+    base = sapo_upstream.original_of(SapoPPOTrainer).__ray_actor_class__
     original = base.__init__
     try:
         base.__init__ = lambda self, *a, **k: seen.append(torch.rand(1).item())
@@ -211,6 +260,38 @@ def test_new_fields_survive_every_batching_path(fake_cuda_index):
 
 
 # ---------------------------------------------------------------- experience maker
+
+
+@pytest.mark.parametrize("n_samples", [1, 2])
+def test_sapo_with_token_segments_shapes_rewards_as_upstream_gae(n_samples):
+    """SAPO's own advantage step with every token a segment is upstream's gae step: the same length
+    penalty, KL-shaped clipped token rewards, group reward spread, returns and (centred) advantages."""
+    experiences = [make_experience(4), make_experience(5, first_index=3)]
+    for exp in experiences:
+        exp.segment_ends = fixed_segment_ends(exp.action_mask, 1)
+        exp.info["response_length"] = exp.response_length
+    theirs = copy.deepcopy(experiences)
+
+    def args(estimator):
+        a = make_args(estimator, n_samples, adv_clip=0.0)
+        a.algo.advantage.no_std_norm = True
+        a.reward.overlong_buffer_len, a.reward.overlong_penalty_factor = 4, 0.5
+        a.rollout.max_new_tokens = 10
+        return a
+
+    make_maker(SegmentExperienceMaker, args("sapo")).compute_advantages_and_returns(experiences)
+    make_maker(RemoteExperienceMaker, args("gae")).compute_advantages_and_returns(theirs)
+    for ours, up in zip(experiences, theirs):
+        torch.testing.assert_close(ours.rewards, up.rewards)
+        torch.testing.assert_close(ours.returns, up.returns)
+        valid = ours.action_mask.bool()  # upstream leaves padding at -mean, SAPO's whitening at 0
+        torch.testing.assert_close(ours.advantages[valid], up.advantages[valid])
+        assert ours.kl is None and up.kl is None
+        assert set(ours.info) - set(up.info) == {"critic/explained_variance"}  # SAPO's maker adds it for gae too
+        for key in up.info:
+            torch.testing.assert_close(ours.info[key], up.info[key])
+    assert (n_samples > 1) == ("group_reward_std" in experiences[0].info)
+    assert any(not torch.equal(e.rewards, o.rewards) for e, o in zip(experiences, [make_experience(4), make_experience(5)]))
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -288,7 +369,7 @@ def test_maker_segments_with_the_configured_segmenter(segmenter, options):
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_experience_forward_entropy_equals_direct_computation(monkeypatch, temperature):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")  # upstream's forward asks for CUDA
-    cls = type("Actor", (SapoPolicyModelActorMixin, seam.upstream("openrlhf.trainer.ray.ppo_actor", "PolicyModelActor").__ray_actor_class__), {})
+    cls = type("Actor", (SapoPolicyModelActorMixin, sapo_upstream.upstream("openrlhf.trainer.ray.ppo_actor", "PolicyModelActor").__ray_actor_class__), {})
     worker = cls.__new__(cls)
     worker.actor = tiny_actor(temperature)
     worker.strategy = SimpleNamespace(ring_attn_group=None)
@@ -344,8 +425,7 @@ def test_segment_loss_with_token_segments_is_upstream_ppo(seed, is_level):
     kw = dict(clip_eps_low=0.2, clip_eps_high=0.28, dual_clip=3.0, is_correction_level=is_level)
     theirs = PolicyLoss(**kw)(new, old, adv, action_mask=mask, rollout_log_probs=rollout)
     loss = SegmentPolicyLoss(**kw)
-    with loss.segments(fixed_segment_ends(mask, 1)):
-        ours = loss(new, old, adv, action_mask=mask, rollout_log_probs=rollout)
+    ours = loss(new, old, adv, action_mask=mask, rollout_log_probs=rollout, segment_ends=fixed_segment_ends(mask, 1))
     for a, b in zip(ours, theirs):
         if a is not None:
             torch.testing.assert_close(a, b)
@@ -358,8 +438,7 @@ def test_segment_loss_with_one_segment_uses_gspo_ratio():
     new = (old + 0.05 * torch.randn_like(old)).requires_grad_()
     adv = torch.randn(4, 1).expand(4, 6).contiguous()
     loss = SegmentPolicyLoss(clip_eps_low=0.2, clip_eps_high=0.28)
-    with loss.segments(last_valid_token(mask)):
-        ours = loss(new, old, adv, action_mask=mask)[0]
+    ours = loss(new, old, adv, action_mask=mask, segment_ends=last_valid_token(mask))[0]
     gspo = PolicyLoss(clip_eps_low=0.2, clip_eps_high=0.28, policy_loss_type="gspo")(new, old, adv, action_mask=mask)[0]
     torch.testing.assert_close(ours, gspo)
 
@@ -413,8 +492,8 @@ def test_is_correction_weights_the_segment_surrogate_per_token(level, mode, gati
     ends = exp.segment_ends
     assert (mask.sum(1) > ends.sum(1)).any()  # some segment has several tokens
     loss = SegmentPolicyLoss(**kw)
-    with loss.segments(ends):
-        ours, clip_ratio, ppo_kl, vllm_kl, filtered = loss(new, old, adv, action_mask=mask, rollout_log_probs=rollout)
+    ours, clip_ratio, ppo_kl, vllm_kl, filtered = loss(new, old, adv, action_mask=mask, rollout_log_probs=rollout,
+                                                       segment_ends=ends)
     assert vllm_kl is not None and filtered is not None
 
     # The reference: the segment ratio from tests/reference_sapo's definition, upstream's weight by hand.
@@ -472,13 +551,13 @@ def test_actor_trainer_hands_each_micro_batch_its_segments():
                             actor_loss_fn=SegmentPolicyLoss.like(PolicyLoss(clip_eps_low=0.2, clip_eps_high=0.28, dual_clip=3.0)))
     info = {"dp_size": 1, "batch_num_tokens": float(exp.action_mask.sum()), "global_batch_size": 4.0}
     trainer.training_step(exp, 0.0, 0, info)
-    assert trainer.actor_loss_fn._segment_ends is None  # handed for this call only
+    assert not trainer.actor_loss_fn._forward_pre_hooks  # handed for this call only
 
     def gradient(ends):
         loss_fn = SegmentPolicyLoss(clip_eps_low=0.2, clip_eps_high=0.28, dual_clip=3.0)
         log_probs = actor(exp.sequences, exp.action_mask, attention_mask=exp.attention_mask)
-        with loss_fn.segments(ends):
-            loss = loss_fn(log_probs, exp.action_log_probs, exp.advantages, action_mask=exp.action_mask, **info)[0]
+        loss = loss_fn(log_probs, exp.action_log_probs, exp.advantages, action_mask=exp.action_mask, segment_ends=ends,
+                       **info)[0]
         return dict(zip([n for n, _ in actor.named_parameters()], torch.autograd.grad(loss, list(actor.parameters()))))
 
     expected, token_level = gradient(exp.segment_ends), gradient(fixed_segment_ends(exp.action_mask, 1))
@@ -556,7 +635,7 @@ class LocalGroup:
 
 def worker(upstream_cls, mixin=None, **attributes):
     """An upstream Ray worker class (with SAPO's mixin) built in this process without Ray."""
-    base = seam.upstream(*upstream_cls).__ray_actor_class__
+    base = sapo_upstream.upstream(*upstream_cls).__ray_actor_class__
     cls = type("Worker", (mixin, base) if mixin else (base,), {})
     instance = cls.__new__(cls)
     instance.__dict__.update(strategy=SimpleNamespace(ring_attn_group=None), **attributes)

@@ -4,7 +4,7 @@
 - the GPU bundles a run asks Ray for (ray_gpus_needed), against upstream's placement rules;
 - the gloo weight-sync group (utils/distributed_util.py) between two real processes;
 - what the driver refuses: --vllm.check_weight_sync on a GPU machine;
-- seeded trainer constructors (seam.seed_from_strategy): same seed, same prompt order.
+- seeded trainer constructors (trainer/ppo_trainer.seed_from_strategy): same seed, same prompt order.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import sys
 
 import pytest
 
-from openrlhf_sapo import seam
+from openrlhf_sapo import patches
+from openrlhf_sapo.trainer.ppo_trainer import seed_from_strategy
 from openrlhf_sapo.cli import train_ppo_ray as cli
 from openrlhf_sapo.utils import cpu_compat
 from openrlhf_sapo.utils.distributed_util import GlooBroadcastGroup, local_address_towards
@@ -119,7 +120,7 @@ def test_check_weight_sync_is_refused_on_a_gpu_machine(monkeypatch):
                    "--vllm.check_weight_sync"])
     monkeypatch.setattr(cpu_compat, "has_cuda", lambda: True)
     with pytest.raises(ValueError, match="only implemented for CPU runs"):
-        seam.install_for_training(args, ray_driver=True)
+        patches.install_for_training(args, ray_driver=True)
 
 
 def test_seed_from_strategy_fixes_the_prompt_order():
@@ -130,10 +131,10 @@ def test_seed_from_strategy_fixes_the_prompt_order():
     strategy = types.SimpleNamespace(args=types.SimpleNamespace(train=types.SimpleNamespace(seed=7)))
     orders = []
     for _ in range(2):
-        seam.seed_from_strategy(("model", strategy), {})
+        seed_from_strategy(("model", strategy), {})
         orders.append(torch.randperm(100).tolist())  # what a shuffling loader draws
     assert orders[0] == orders[1]
-    seam.seed_from_strategy((), {"strategy": types.SimpleNamespace(args=types.SimpleNamespace(
+    seed_from_strategy((), {"strategy": types.SimpleNamespace(args=types.SimpleNamespace(
         train=types.SimpleNamespace(seed=8)))})
     assert torch.randperm(100).tolist() != orders[0]
 
@@ -142,7 +143,7 @@ def test_the_single_process_backend_starts_no_ray():
     import ray
 
     args = parsed(["--actor.model_name_or_path", "m", "--reward.remote_url", "r.py", "--data.prompt_dataset", "d"])
-    assert seam.install_for_training(args) == []  # no ray_driver: patches only
+    assert patches.install_for_training(args) == []  # no ray_driver: patches only
     assert not ray.is_initialized()
 
 

@@ -1,4 +1,4 @@
-"""The foundation: pins agree, CPU specifics live in one module, the seam guards upstream."""
+"""The foundation: pins agree, CPU specifics live in one module, openrlhf_sapo.upstream guards upstream."""
 
 import ast
 import importlib.metadata
@@ -7,7 +7,8 @@ import re
 
 import pytest
 
-from openrlhf_sapo import OPENRLHF_VERSION, seam
+from openrlhf_sapo import OPENRLHF_VERSION
+from openrlhf_sapo import upstream as sapo_upstream
 from openrlhf_sapo.utils import cpu_compat
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -81,17 +82,17 @@ def test_flash_attn_imports_after_cpu_compat():
     assert flash_attn.__version__ == lock_pins()["flash-attn"]
 
 
-def test_seam_rejects_another_openrlhf_version(monkeypatch):
-    monkeypatch.setattr(seam.importlib.metadata, "version", lambda name: "0.11.1")
-    with pytest.raises(seam.UpstreamMismatch, match=r"openrlhf 0.11.1 is installed but .*openrlhf==0.11.2"):
-        seam.upstream("openrlhf.models.loss", "PolicyLoss")
+def test_upstream_rejects_another_openrlhf_version(monkeypatch):
+    monkeypatch.setattr(sapo_upstream.importlib.metadata, "version", lambda name: "0.11.1")
+    with pytest.raises(sapo_upstream.UpstreamMismatch, match=r"openrlhf 0.11.1 is installed but .*openrlhf==0.11.2"):
+        sapo_upstream.upstream("openrlhf.models.loss", "PolicyLoss")
 
 
-def test_seam_lists_every_symbol_and_they_exist():
+def test_upstream_lists_every_symbol_and_they_exist():
     with pytest.raises(KeyError, match="UPSTREAM_SYMBOLS"):
-        seam.upstream("openrlhf.models.loss", "SFTLoss")
-    for module, attribute, why in seam.UPSTREAM_SYMBOLS:
-        assert why and seam.upstream(module, attribute) is not None
+        sapo_upstream.upstream("openrlhf.models.loss", "SFTLoss")
+    for module, attribute, why in sapo_upstream.UPSTREAM_SYMBOLS:
+        assert why and sapo_upstream.upstream(module, attribute) is not None
 
 
 def test_tests_package_is_ours():

@@ -21,7 +21,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from openrlhf_sapo import seam
+from openrlhf_sapo import upstream as sapo_upstream
 from openrlhf_sapo.trainer.ray import vllm_engine as pp
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -32,7 +32,7 @@ LAYOUTS = [(1, 1, 1), (1, 1, 2), (2, 2, 2), (2, 1, 4), (3, 2, 3)]
 
 @pytest.fixture(scope="module")
 def ve():
-    seam.prepare()
+    sapo_upstream.prepare()
     return importlib.import_module(VLLM_ENGINE)
 
 
@@ -55,7 +55,7 @@ def tiny_models(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def restore_upstream_state():
     """Each test starts and ends with upstream's rollout actor bound and the environment unchanged."""
-    seam.prepare()
+    sapo_upstream.prepare()
     module = importlib.import_module(VLLM_ENGINE)
     upstream = pp.upstream_rollout_actor()
     module.RolloutRayActor = upstream
@@ -96,9 +96,9 @@ def test_apply_rewrites_gpus_per_engine_records_tp_and_rebinds(ve):
     assert ve.RolloutRayActor is not upstream
     assert ve.RolloutRayActor.__ray_actor_class__.pipeline_parallel_size == 3
     assert issubclass(ve.RolloutRayActor.__ray_actor_class__, upstream.__ray_actor_class__)
-    # upstream's class stays reachable (seam.upstream and ours)
+    # upstream's class stays reachable (sapo_upstream.upstream and ours)
     assert pp.upstream_rollout_actor() is upstream
-    assert seam.upstream(VLLM_ENGINE, "RolloutRayActor") is upstream
+    assert sapo_upstream.upstream(VLLM_ENGINE, "RolloutRayActor") is upstream
 
 
 def test_apply_is_idempotent(ve):
@@ -379,7 +379,7 @@ def test_weight_sync_group_gives_every_stage_worker_its_own_rank(ve, monkeypatch
     from vllm.config import ParallelConfig
 
     ppo_actor = importlib.import_module("openrlhf.trainer.ray.ppo_actor")
-    trainer_cls = seam.upstream("openrlhf.trainer.ray.ppo_actor", "ActorPPOTrainer")
+    trainer_cls = sapo_upstream.upstream("openrlhf.trainer.ray.ppo_actor", "ActorPPOTrainer")
     args = make_args(num_engines, tp, pp_size)
     pp.apply_pipeline_parallel(args)
 

@@ -6,11 +6,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from openrlhf_sapo import seam
+from openrlhf_sapo import patches, upstream
 from openrlhf_sapo.models.vlm_critic import get_vlm_critic, load_critic
 from tests.tiny_vlm import IMAGE_TOKEN, build_tiny_qwen2_5_vl, image_inputs, vlm_sequences
 
-seam.apply_patches()
+patches.apply_patches()
 
 from openrlhf_sapo.trainer.ppo_utils.experience import SegmentExperience  # noqa: E402
 from openrlhf_sapo.trainer.ppo_utils.experience_maker import mask_vision_tokens_in_responses  # noqa: E402
@@ -97,7 +97,7 @@ def test_save_and_load_round_trip(vlm_path, tmp_path):
 
 def test_critic_worker_forward_gets_the_images(vlm_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")
-    base = seam.upstream("openrlhf.trainer.ray.ppo_critic", "CriticModelActor").__ray_actor_class__
+    base = upstream.upstream("openrlhf.trainer.ray.ppo_critic", "CriticModelActor").__ray_actor_class__
     cls = type("Critic", (SapoCriticModelActorMixin, base), {})
     worker = cls.__new__(cls)
     worker.critic = get_vlm_critic(str(vlm_path), param_dtype="bf16", init_value_head=True).float()
@@ -126,7 +126,7 @@ def test_critic_training_step_gets_the_images(vlm_path):
         get_grad_norm=lambda model: 0.0,
     )
     trainer = SegmentCriticPPOTrainer.__new__(SegmentCriticPPOTrainer)
-    ValueLoss = seam.upstream("openrlhf.models.loss", "ValueLoss")
+    ValueLoss = upstream.upstream("openrlhf.models.loss", "ValueLoss")
     trainer.__dict__.update(strategy=strategy, args=strategy.args, critic=critic, critic_optim=optim, aux_loss=False,
                             critic_scheduler=SimpleNamespace(get_last_lr=lambda: [0.1]), critic_loss_fn=ValueLoss(0.5))
     sequences, attention, action = vlm_sequences()
@@ -161,7 +161,7 @@ def test_text_critic_next_to_a_vlm_actor_gets_tokens_only(tmp_path, monkeypatch)
     torch.manual_seed(0)
     critic = load_critic(build_tiny_qwen2(str(tmp_path / "text")), "critic", attn_implementation="sdpa",
                          init_value_head=True).float()
-    base = seam.upstream("openrlhf.trainer.ray.ppo_critic", "CriticModelActor").__ray_actor_class__
+    base = upstream.upstream("openrlhf.trainer.ray.ppo_critic", "CriticModelActor").__ray_actor_class__
     cls = type("Critic", (SapoCriticModelActorMixin, base), {})
     worker = cls.__new__(cls)
     worker.critic, worker.strategy = critic, SimpleNamespace(ring_attn_group=None)
@@ -178,7 +178,7 @@ def test_text_critic_next_to_a_vlm_actor_gets_tokens_only(tmp_path, monkeypatch)
     trainer = SegmentCriticPPOTrainer.__new__(SegmentCriticPPOTrainer)
     trainer.__dict__.update(strategy=strategy, args=strategy.args, critic=critic, critic_optim=optim, aux_loss=False,
                             critic_scheduler=SimpleNamespace(get_last_lr=lambda: [0.1]),
-                            critic_loss_fn=seam.upstream("openrlhf.models.loss", "ValueLoss")(0.5))
+                            critic_loss_fn=upstream.upstream("openrlhf.models.loss", "ValueLoss")(0.5))
     exp = SegmentExperience(sequences=sequences, attention_mask=attention, action_mask=action,
                             values=torch.zeros(action.shape), returns=torch.ones(action.shape), mm_train_inputs=two_images(2))
     info = {"dp_size": 1, "batch_num_tokens": float(action.sum()), "global_batch_size": 2.0}

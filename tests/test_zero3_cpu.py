@@ -164,7 +164,7 @@ def _vlm_critic_under_zero3(rank: int, port: int, model_path: str, out: str, que
         queue.put((rank, None, traceback.format_exc()))
 
 
-SegmentExperience = None  # bound in the worker processes (the seam's patches must come first)
+SegmentExperience = None  # bound in the worker processes (SAPO's patches must come first)
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -200,9 +200,9 @@ def test_vlm_critic_trains_and_saves_under_zero3_across_two_gloo_ranks(tmp_path,
 
 def _vlm_critic_under_zero3_entry(*args):
     global SegmentExperience
-    from openrlhf_sapo import seam
+    from openrlhf_sapo import patches
 
-    seam.apply_patches()
+    patches.apply_patches()
     from openrlhf_sapo.trainer.ppo_utils.experience import SegmentExperience as cls
 
     SegmentExperience = cls

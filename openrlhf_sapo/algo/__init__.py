@@ -26,6 +26,7 @@ from .losses import (
     token_log_ratio,
 )
 from .segmenters import (
+    DEFAULT_STEP_PATTERN,
     SEGMENTERS,
     Segmenter,
     entropy_segment_ends,
@@ -42,6 +43,7 @@ from .segments import last_valid_token, segment_ids, segment_starts
 from .stats import explained_variance, segment_statistics
 
 __all__ = [
+    "DEFAULT_STEP_PATTERN",
     "LOG_RATIOS",
     "SEGMENTERS",
     "Segmenter",

@@ -1,12 +1,14 @@
 """Segmenters: where a response is cut into reasoning segments (spec section 1).
 
 Every segmenter returns bool [B, T] segment ends over valid tokens, with each response's last
-valid token an end. They are chosen by name from `SEGMENTERS`; `segment_ends(name, ...)`
-is the one entry point the trainers use, so adding a strategy is one registry row.
+valid token an end. They are registered by name in `openrlhf_sapo.config.SEGMENTERS` (one row: the
+function, its inputs and options, from which the CLI flags and defaults derive); `segment_ends(name,
+...)` is the one entry point the trainers use.
 """
 
 from __future__ import annotations
 
+import importlib
 import re
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Sequence, Tuple
@@ -14,10 +16,11 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..config import SEGMENTERS, SAPO_DEFAULTS
 from ._checks import check_float, check_mask, check_positive, check_positive_int, topk_fraction
 from .segments import close_last_segment
 
-DEFAULT_STEP_PATTERN = r"Step \d+"
+DEFAULT_STEP_PATTERN = SAPO_DEFAULTS["step_pattern"]
 
 
 def entropy_segment_ends(entropy: torch.Tensor, action_mask: torch.Tensor, topk_percent: float = 30.0) -> torch.Tensor:
@@ -137,22 +140,17 @@ def newline_token_table(token_texts: Sequence[str]) -> torch.Tensor:
 class Segmenter:
     fn: Callable[..., torch.Tensor]
     needs: Tuple[str, ...]  # per-batch tensors the segmenter reads besides action_mask
-    options: Tuple[str, ...]  # keyword options it accepts
-
-
-SEGMENTERS: Dict[str, Segmenter] = {
-    "entropy": Segmenter(entropy_segment_ends, ("entropy",), ("topk_percent",)),
-    "newline": Segmenter(newline_segment_ends, ("token_ids",), ("newline_table",)),
-    "step": Segmenter(step_segment_ends, ("token_ids",), ("token_texts", "pattern")),
-    "lowprob": Segmenter(lowprob_segment_ends, ("log_probs",), ("threshold", "every_k")),
-    "fixed": Segmenter(fixed_segment_ends, (), ("length",)),
-}
+    options: Tuple[str, ...]  # keyword options it accepts: vocabulary tables, then its own options
 
 
 def get_segmenter(name: str) -> Segmenter:
+    """The registered segmenter `name` (openrlhf_sapo.config.SEGMENTERS), its function imported."""
     if name not in SEGMENTERS:
         raise ValueError(f"unknown segmenter {name!r}; choose one of {sorted(SEGMENTERS)}")
-    return SEGMENTERS[name]
+    spec = SEGMENTERS[name]
+    module, _, function = spec.function.partition(":")
+    fn = getattr(importlib.import_module(module), function)
+    return Segmenter(fn, spec.needs, spec.vocabulary + tuple(o.argument for o in spec.options))
 
 
 def segment_ends(

@@ -141,7 +141,7 @@ def build_rollout_engine(args, tokenizer, store):
     """The HF rollout engine with its own copy of the policy, and upstream's agent executor."""
     import torch
 
-    from openrlhf_sapo import seam
+    from openrlhf_sapo import patches, upstream
     from openrlhf_sapo.trainer.local.hf_engine import HFRolloutEngine
 
     path = args.actor.model_name_or_path
@@ -149,7 +149,7 @@ def build_rollout_engine(args, tokenizer, store):
     dtype = args.local.rollout_dtype
     dtype = ("fp32" if not cuda else args.ds.param_dtype) if dtype == "auto" else dtype
     processor = tokenizer if hasattr(tokenizer, "image_processor") else None
-    if seam.upstream("openrlhf.utils.utils", "is_vlm_model")(path):
+    if upstream.upstream("openrlhf.utils.utils", "is_vlm_model")(path):
         from transformers import AutoModelForImageTextToText as auto_cls
     else:
         from transformers import AutoModelForCausalLM as auto_cls
@@ -157,9 +157,9 @@ def build_rollout_engine(args, tokenizer, store):
                                      attn_implementation="sdpa")
     model.to("cuda" if cuda else "cpu")
     if args.train.agent_func_path:
-        executor = seam.upstream("openrlhf.trainer.ray.vllm_engine", "_load_agent_executor")(args.train.agent_func_path)
+        executor = upstream.upstream("openrlhf.trainer.ray.vllm_engine", "_load_agent_executor")(args.train.agent_func_path)
     else:
-        executor = seam.upstream("openrlhf.utils.agent", "SingleTurnAgentExecutor")(args.reward.remote_url)
+        executor = upstream.upstream("openrlhf.utils.agent", "SingleTurnAgentExecutor")(args.reward.remote_url)
     text_tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
     return HFRolloutEngine(model, text_tokenizer, executor, processor=processor,
                            max_batch_size=args.local.rollout_batch_limit)
@@ -186,16 +186,16 @@ def train(args) -> dict:
     import torch.distributed as dist
     import transformers
 
-    from openrlhf_sapo import seam
+    from openrlhf_sapo import patches, upstream
     from openrlhf_sapo.trainer.local.launcher import LocalActorGroup, LocalHandle, LocalObjectStore
     from openrlhf_sapo.utils import cpu_compat
 
-    seam.install_for_training(args)
+    patches.install_for_training(args)
     from openrlhf_sapo.trainer.local.ppo_actor import LocalPolicyModelActor
     from openrlhf_sapo.trainer.local.ppo_trainer import LocalPPOTrainer
     from openrlhf_sapo.trainer.ray.ppo_critic import SapoCriticModelActor
 
-    get_strategy = seam.upstream("openrlhf.utils", "get_strategy")
+    get_strategy = upstream.upstream("openrlhf.utils", "get_strategy")
     if dist.is_initialized():
         raise RuntimeError("torch.distributed is already initialised in this process; train_local owns it")
     environ = dict(os.environ)
@@ -204,7 +204,7 @@ def train(args) -> dict:
     port = _free_port()
     patched = cpu_compat.patch_distributed_for_cpu() if not _cuda(args) else False
     try:
-        with seam.local_ray(store):
+        with upstream.local_ray(store):
             def worker(cls):
                 # As Ray does: each worker gets its own copy of the arguments and its own strategy.
                 w = cls.__new__(cls)
@@ -215,13 +215,13 @@ def train(args) -> dict:
             groups = {"actor": LocalActorGroup(actor, store)}
             ref = critic = reward = None
             if args.algo.kl.init_coef > 0:
-                ref = worker(seam.upstream("openrlhf.trainer.ray.launcher", "ReferenceModelActor").__ray_actor_class__)
+                ref = worker(upstream.upstream("openrlhf.trainer.ray.launcher", "ReferenceModelActor").__ray_actor_class__)
                 groups["ref"] = LocalActorGroup(ref[0], store)
             if args.critic.model_name_or_path:
                 critic = worker(SapoCriticModelActor.__ray_actor_class__)
                 groups["critic"] = LocalActorGroup(critic[0], store)
             if not args.reward.remote_url:
-                reward = worker(seam.upstream("openrlhf.trainer.ray.launcher", "RewardModelActor").__ray_actor_class__)
+                reward = worker(upstream.upstream("openrlhf.trainer.ray.launcher", "RewardModelActor").__ray_actor_class__)
                 groups["reward"] = LocalActorGroup(reward[0], store)
 
             # Upstream's order: the trainer (tokenizer, datasets, max_steps) before the models.
@@ -229,7 +229,7 @@ def train(args) -> dict:
             # when it is built (upstream's trainer actor never seeds it, so its order varies run to run).
             transformers.set_seed(args.train.seed)
             strategy = get_strategy(copy.deepcopy(args))
-            get_tokenizer = seam.upstream("openrlhf.utils.utils", "get_tokenizer")
+            get_tokenizer = upstream.upstream("openrlhf.utils.utils", "get_tokenizer")
             tokenizer = get_tokenizer(args.actor.model_name_or_path, None, "left", strategy,
                                       use_fast=not args.data.disable_fast_tokenizer)
             engine = build_rollout_engine(args, tokenizer, store)

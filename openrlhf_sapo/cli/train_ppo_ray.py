@@ -25,7 +25,7 @@ and `--dry-run`, and checks (`parser.error`, exit status 2) before upstream's va
 needs a critic, which upstream drops for every estimator but gae, so upstream's validation runs
 with the estimator set to gae when it is sapo (the critic path is defaulted exactly as for gae).
 
-`main()` then calls `openrlhf_sapo.seam.install_for_training(args)` and upstream's
+`main()` then calls `openrlhf_sapo.patches.install_for_training(args)` and upstream's
 `train(args)`; with `--dry-run` it prints the resolved configuration as JSON instead and starts
 nothing (no Ray, no model, not even an import of torch).
 """
@@ -42,7 +42,6 @@ import importlib.util
 import json
 import math
 import os
-import re
 import symtable
 import sys
 import traceback
@@ -50,8 +49,8 @@ from dataclasses import dataclass
 from types import ModuleType, SimpleNamespace
 from typing import Callable, Dict, Iterable, Optional, Sequence
 
-from openrlhf_sapo import OPENRLHF_VERSION, seam
-from openrlhf_sapo.config import SAPO_DEFAULTS, SAPO_RECIPE, SAPO_RECIPE_OVERRIDDEN_BY
+from openrlhf_sapo import OPENRLHF_VERSION, upstream
+from openrlhf_sapo.config import SAPO_DEFAULTS, SAPO_RECIPE, SAPO_RECIPE_OVERRIDDEN_BY, SEGMENTERS, segmenter_flags
 
 UPSTREAM_MODULE = "openrlhf.cli.train_ppo_ray"
 UPSTREAM_CONFIG_MODULE = "openrlhf.utils.config"
@@ -74,10 +73,8 @@ SAPO_VALIDATES_AS = "gae"
 # upstream's other VLM assertion, is checked here instead).
 VLM_CRITIC_ESTIMATORS = ("gae", SAPO_ESTIMATOR)
 
-SEGMENTERS = ("entropy", "newline", "step", "lowprob", "fixed")  # = openrlhf_sapo.algo.segmenters.SEGMENTERS
 VALUE_AT = ("end", "start")
 RATIOS = ("segment", "token")
-DEFAULT_STEP_PATTERN = r"Step \d+"  # = openrlhf_sapo.algo.segmenters.DEFAULT_STEP_PATTERN
 
 SAPO_GROUP = "SAPO (openrlhf_sapo)"
 SAPO_GROUP_DESCRIPTION = (
@@ -101,14 +98,13 @@ class _Flag:
 # Every flag this module adds, in --help order. Dest names keep OpenRLHF's dots so that
 # `hierarchize` nests them (args.algo.sapo.topk_percent).
 ADDED_FLAGS = (
-    _Flag("--algo.sapo.segmenter", dict(type=str, default=SAPO_DEFAULTS["segmenter"], choices=SEGMENTERS,
-          help="Where responses are cut into segments: entropy (the k highest-entropy tokens end a segment; "
-          "the paper's method), newline, step (before each --algo.sapo.step_pattern match), lowprob (every "
-          "--algo.sapo.lowprob_every_k-th token sampled with probability < --algo.sapo.lowprob_threshold), "
-          "fixed (every --algo.sapo.fixed_length tokens).")),
-    _Flag("--algo.sapo.topk_percent", dict(type=float, default=SAPO_DEFAULTS["topk_percent"],
-          help="entropy segmenter: percentage p in (0, 100] of a response's tokens that end a segment "
-          "(k = max(ceil(n * p / 100), 1)); the paper uses 30.")),
+    _Flag("--algo.sapo.segmenter", dict(type=str, default=SAPO_DEFAULTS["segmenter"], choices=tuple(SEGMENTERS),
+          help="Where responses are cut into segments: " + "; ".join(
+              f"{name} ({spec.help})" for name, spec in SEGMENTERS.items()) + ".")),
+    # one flag per segmenter option, from its registry row (openrlhf_sapo.config.SEGMENTERS)
+    *(_Flag(f"--algo.sapo.{flag}", dict(type=option.type, default=option.default,
+            help=f"{name} segmenter: {option.help}".replace("%", "%%")))
+      for flag, (name, option) in segmenter_flags().items()),
     _Flag("--algo.sapo.allow_small_topk", dict(action="store_true", default=False,
           help="Accept --algo.sapo.topk_percent in (0, 1] as a percentage below 1%%. Without it such a value is "
           "refused: the authors' release reads top-k values <= 1 as fractions (0.3 = 30%%), and this flag is a "
@@ -121,14 +117,6 @@ ADDED_FLAGS = (
           "ratio with segment advantages: the paper's naive-IS ablation).")),
     _Flag("--algo.sapo.adv_clip", dict(type=float, default=SAPO_DEFAULTS["adv_clip"],
           help="Clamp whitened segment advantages to [-c, c] (the release uses 5); 0 disables the clamp.")),
-    _Flag("--algo.sapo.step_pattern", dict(type=str, default=SAPO_DEFAULTS["step_pattern"],
-          help="step segmenter: regular expression of a step marker; a segment starts at each match.")),
-    _Flag("--algo.sapo.lowprob_threshold", dict(type=float, default=SAPO_DEFAULTS["lowprob_threshold"],
-          help="lowprob segmenter: a token sampled with probability below this (in (0, 1]) is a cut point.")),
-    _Flag("--algo.sapo.lowprob_every_k", dict(type=int, default=SAPO_DEFAULTS["lowprob_every_k"],
-          help="lowprob segmenter: every k-th cut point (k >= 1) ends a segment.")),
-    _Flag("--algo.sapo.fixed_length", dict(type=int, default=SAPO_DEFAULTS["fixed_length"],
-          help="fixed segmenter: segment length in tokens (>= 1).")),
     _Flag("--algo.advantage.critic_lambd", dict(type=float, default=None,
           help="VC-PPO decoupled lambda for gae and sapo: the critic's returns use this lambda, the actor's "
           "advantages --algo.advantage.lambd. Default: the same as --algo.advantage.lambd.")),
@@ -165,8 +153,8 @@ class UpstreamMain:
     filename: str
 
 
-def _mismatch(filename: str, what: str) -> seam.UpstreamMismatch:
-    return seam.UpstreamMismatch(
+def _mismatch(filename: str, what: str) -> upstream.UpstreamMismatch:
+    return upstream.UpstreamMismatch(
         f"{filename}: {what}. openrlhf_sapo.cli.train_ppo_ray reuses the `if __name__ == \"__main__\":` block of "
         f"openrlhf=={OPENRLHF_VERSION}'s cli/train_ppo_ray.py and expects: `{FIRST_STATEMENT}` first, "
         f"`{PARSE_STATEMENT}`, then `{HIERARCHIZE_IMPORT}` and `{HIERARCHIZE_STATEMENT}`, the validation, an "
@@ -233,7 +221,7 @@ def _bound_by_import(stmt: ast.stmt) -> set:
 
 
 def _import_upstream_module(name: str = UPSTREAM_MODULE) -> ModuleType:
-    seam.check_openrlhf_version()
+    upstream.check_openrlhf_version()
     from openrlhf_sapo.utils import cpu_compat
 
     cpu_compat.apply()
@@ -317,14 +305,14 @@ def extract_upstream_main(source: str, filename: str = "<openrlhf/cli/train_ppo_
 
 def _upstream_source_path(module: str) -> str:
     """The installed file of an openrlhf module, found without importing it (or its packages' heavy __init__)."""
-    seam.check_openrlhf_version()
+    upstream.check_openrlhf_version()
     spec = importlib.util.find_spec("openrlhf")
     if spec is None or not spec.submodule_search_locations:
-        raise seam.UpstreamMismatch("openrlhf is not importable; install openrlhf==" + OPENRLHF_VERSION)
+        raise upstream.UpstreamMismatch("openrlhf is not importable; install openrlhf==" + OPENRLHF_VERSION)
     parts = module.split(".")[1:]
     path = os.path.join(list(spec.submodule_search_locations)[0], *parts) + ".py"
     if not os.path.isfile(path):
-        raise seam.UpstreamMismatch(f"{module} is not at {path}; openrlhf_sapo expects openrlhf=={OPENRLHF_VERSION}")
+        raise upstream.UpstreamMismatch(f"{module} is not at {path}; openrlhf_sapo expects openrlhf=={OPENRLHF_VERSION}")
     return path
 
 
@@ -351,7 +339,7 @@ def upstream_hierarchize() -> Callable:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     if not callable(getattr(module, "hierarchize", None)):
-        raise seam.UpstreamMismatch(f"{path} has no hierarchize(); openrlhf_sapo expects openrlhf=={OPENRLHF_VERSION}")
+        raise upstream.UpstreamMismatch(f"{path} has no hierarchize(); openrlhf_sapo expects openrlhf=={OPENRLHF_VERSION}")
     return module.hierarchize
 
 
@@ -362,7 +350,7 @@ def _action(parser: argparse.ArgumentParser, dest: str) -> argparse.Action:
     for action in parser._actions:
         if action.dest == dest:
             return action
-    raise seam.UpstreamMismatch(f"OpenRLHF's train_ppo_ray parser has no `--{dest}`; openrlhf_sapo expects "
+    raise upstream.UpstreamMismatch(f"OpenRLHF's train_ppo_ray parser has no `--{dest}`; openrlhf_sapo expects "
                                 f"openrlhf=={OPENRLHF_VERSION}")
 
 
@@ -371,11 +359,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = upstream_main().build_parser()
     clashes = sorted({a.dest for a in parser._actions} & set(ADDED_DESTS))
     if clashes:
-        raise seam.UpstreamMismatch(f"OpenRLHF's parser now defines {clashes} itself; openrlhf_sapo adds these "
+        raise upstream.UpstreamMismatch(f"OpenRLHF's parser now defines {clashes} itself; openrlhf_sapo adds these "
                                     "flags: remove them from ADDED_FLAGS in openrlhf_sapo/cli/train_ppo_ray.py")
     estimator = _action(parser, ESTIMATOR_DEST)
     if not estimator.choices or SAPO_ESTIMATOR in estimator.choices:
-        raise seam.UpstreamMismatch(f"OpenRLHF's --{ESTIMATOR_DEST} choices are {estimator.choices}; openrlhf_sapo "
+        raise upstream.UpstreamMismatch(f"OpenRLHF's --{ESTIMATOR_DEST} choices are {estimator.choices}; openrlhf_sapo "
                                     f"expects a list without '{SAPO_ESTIMATOR}' to extend")
     estimator.choices = [*estimator.choices, SAPO_ESTIMATOR]
     estimator.help = (estimator.help or "") + ESTIMATOR_HELP_SUFFIX
@@ -425,9 +413,10 @@ def check_before_upstream(args: SimpleNamespace) -> None:
         raise ConfigError("--actor.policy_loss_type gspo cannot be combined with --algo.advantage.estimator sapo: "
                           "SAPO has its own segment-level ratio; drop --actor.policy_loss_type (or use ppo) and choose "
                           "the ratio with --algo.sapo.ratio {segment,token}")
-    if not (0.0 < sapo.topk_percent <= 100.0):
-        raise ConfigError(f"--algo.sapo.topk_percent must be in (0, 100], got {sapo.topk_percent}: it is the "
-                          "percentage of a response's tokens that end a segment (the paper uses 30)")
+    for flag, (_, option) in segmenter_flags().items():
+        value = getattr(sapo, flag)
+        if not option.valid(value):
+            raise ConfigError(option.error.format(flag=f"--algo.sapo.{flag}", value=value))
     if sapo.topk_percent <= 1.0 and not sapo.allow_small_topk:
         raise ConfigError(f"--algo.sapo.topk_percent {sapo.topk_percent:g} would end a segment at {sapo.topk_percent:g}% "
                           "of the tokens (almost one segment per response). It is a percentage here, while the authors' "
@@ -437,18 +426,6 @@ def check_before_upstream(args: SimpleNamespace) -> None:
     if not (sapo.adv_clip >= 0.0):
         raise ConfigError(f"--algo.sapo.adv_clip must be >= 0, got {sapo.adv_clip}: advantages are clamped to "
                           "[-c, c]; pass 0 to disable the clamp (the release uses 5)")
-    if not (0.0 < sapo.lowprob_threshold <= 1.0):
-        raise ConfigError(f"--algo.sapo.lowprob_threshold must be a probability in (0, 1], got "
-                          f"{sapo.lowprob_threshold}")
-    if sapo.lowprob_every_k < 1:
-        raise ConfigError(f"--algo.sapo.lowprob_every_k must be >= 1, got {sapo.lowprob_every_k}")
-    if sapo.fixed_length < 1:
-        raise ConfigError(f"--algo.sapo.fixed_length must be >= 1 token, got {sapo.fixed_length}")
-    try:
-        re.compile(sapo.step_pattern)
-    except re.error as err:
-        raise ConfigError(f"--algo.sapo.step_pattern {sapo.step_pattern!r} is not a valid regular expression "
-                          f"({err}); the default is {DEFAULT_STEP_PATTERN!r}") from None
 
     _check_unit("--algo.advantage.lambd", adv.lambd)
     _check_unit("--algo.advantage.critic_lambd", adv.critic_lambd)
@@ -678,7 +655,7 @@ def _cpu_mode_adaptations(args: SimpleNamespace) -> list:
     upstream's validation, which refuses some CUDA-only combinations (async with vLLM sleep)."""
     from openrlhf_sapo.utils import cpu_compat
 
-    seam.check_openrlhf_version()
+    upstream.check_openrlhf_version()
     return [] if cpu_compat.has_cuda() else cpu_compat.adapt_ray_args_for_cpu(args)
 
 
@@ -688,11 +665,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         print(json.dumps(to_jsonable(args), indent=2, sort_keys=True))
         return
     upstream_main().use_modelscope(args)
-    from openrlhf_sapo.seam import install_for_training
+    from openrlhf_sapo.patches import install_for_training
 
     for note in install_for_training(args, ray_driver=True):
         print(f"[openrlhf_sapo] CPU mode (no CUDA device): {note}", flush=True)
-    seam.upstream(UPSTREAM_MODULE, "train")(args)
+    upstream.upstream(UPSTREAM_MODULE, "train")(args)
 
 
 if __name__ == "__main__":

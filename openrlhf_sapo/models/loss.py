@@ -11,13 +11,13 @@ the token mean of the log-ratios, so upstream's `ppo_kl` metric is unchanged. vL
 (`--algo.advantage.is_correction_*`) reads only the old and the rollout log-probs, so its weight
 (per token, or per sequence) multiplies each token's segment surrogate as it multiplies PPO's.
 
-The segment ends of the current micro-batch come in through `segments(...)`, set by the
-actor trainer around its training step (upstream's call site passes no extra tensors).
+The segment ends of the micro-batch are an argument, `segment_ends`; upstream's call site has a
+fixed argument list, so the actor trainer adds it there for its training step
+(models/utils.py `call_inputs`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 from typing import Optional
 
@@ -25,8 +25,8 @@ import torch
 
 from ..algo import segment_log_ratio
 from ..algo.losses import LOG_RATIO_CLAMP
-from .. import OPENRLHF_VERSION, seam
-from ..seam import upstream
+from .. import OPENRLHF_VERSION
+from ..upstream import UpstreamMismatch, upstream
 
 PolicyLoss = upstream("openrlhf.models.loss", "PolicyLoss")
 
@@ -44,7 +44,6 @@ class SegmentPolicyLoss(PolicyLoss):
                 "combined with it (use --algo.sapo.ratio segment|token)"
             )
         self.ratio = ratio
-        self._segment_ends: Optional[torch.Tensor] = None
 
     @classmethod
     def like(cls, loss: PolicyLoss, ratio: str = "segment") -> "SegmentPolicyLoss":
@@ -56,30 +55,22 @@ class SegmentPolicyLoss(PolicyLoss):
             if name == "self":
                 continue
             if not hasattr(loss, name):
-                raise seam.UpstreamMismatch(
+                raise UpstreamMismatch(
                     f"OpenRLHF's PolicyLoss takes `{name}` but does not keep it as an attribute, so SAPO's loss cannot "
                     f"copy it; openrlhf_sapo expects openrlhf=={OPENRLHF_VERSION} (models/loss.py SegmentPolicyLoss.like)")
             settings[name] = getattr(loss, name)
         return cls(**settings, ratio=ratio)
 
-    @contextlib.contextmanager
-    def segments(self, segment_ends: Optional[torch.Tensor]):
-        """The segment ends of the micro-batch the next forward calls belong to."""
-        self._segment_ends = segment_ends
-        try:
-            yield self
-        finally:
-            self._segment_ends = None
-
-    def forward(self, log_probs, old_log_probs, advantages, action_mask=None, *args, **kwargs):
+    def forward(self, log_probs, old_log_probs, advantages, action_mask=None, *args,
+                segment_ends: Optional[torch.Tensor] = None, **kwargs):
         if self.ratio == "segment":
-            if self._segment_ends is None:
+            if segment_ends is None:
                 raise RuntimeError(
-                    "SegmentPolicyLoss needs the micro-batch's segment ends: call it inside `with loss.segments(ends)` "
-                    "(the experience lost its segment_ends: was it made by SegmentExperienceMaker?)"
+                    "SegmentPolicyLoss needs the micro-batch's segment ends (`segment_ends=`); the experience lost "
+                    "its segment_ends: was it made by SegmentExperienceMaker?"
                 )
             mask = action_mask.bool()
             log_ratio = (log_probs - old_log_probs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-            segment = segment_log_ratio(log_ratio.float(), mask, self._segment_ends.to(mask.device) & mask)
+            segment = segment_log_ratio(log_ratio.float(), mask, segment_ends.to(mask.device) & mask)
             log_probs = old_log_probs + segment.to(log_probs.dtype)
         return super().forward(log_probs, old_log_probs, advantages, action_mask, *args, **kwargs)

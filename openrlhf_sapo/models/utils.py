@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
-from ..seam import upstream
+from ..upstream import replaces, upstream
 
 _upstream_compute_entropy = upstream("openrlhf.models.utils", "compute_entropy")
 
@@ -30,8 +32,10 @@ def chunked_entropy(logits: torch.Tensor, chunk_tokens: int = 1024) -> torch.Ten
     return out.reshape(logits.shape[:-1])
 
 
+@replaces("openrlhf.models.actor", "compute_entropy",
+          kept_in={"openrlhf.models.utils": "defines it; the wrapper below calls it with gradients"})
 def compute_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Drop-in for upstream's `compute_entropy` (rebound in openrlhf.models.actor by the seam).
+    """Drop-in for upstream's `compute_entropy`, rebound in openrlhf.models.actor (the experience forward).
 
     Without gradients (the experience forward) it is `chunked_entropy`; when the entropy is
     differentiated (upstream's entropy loss, --actor.entropy_coef) it is upstream's own.
@@ -43,7 +47,24 @@ def compute_entropy(logits: torch.Tensor) -> torch.Tensor:
     return chunked_entropy(logits)
 
 
-compute_entropy.__sapo_replaces__ = _upstream_compute_entropy
+@contextlib.contextmanager
+def call_inputs(module: torch.nn.Module, **inputs):
+    """While active, every call of `module` also receives these keyword inputs (a forward pre-hook).
+
+    For upstream call sites with a fixed argument list: the actor trainer hands its loss the
+    micro-batch's segment ends, the critic its images. The module stays the real one (no stand-in)."""
+    if not inputs:
+        yield module
+        return
+
+    def add_inputs(_module, args, kwargs):
+        return args, {**kwargs, **inputs}
+
+    handle = module.register_forward_pre_hook(add_inputs, with_kwargs=True)
+    try:
+        yield module
+    finally:
+        handle.remove()
 
 
 VISION_SPECIAL_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")

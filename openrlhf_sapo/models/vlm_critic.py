@@ -9,7 +9,7 @@ multi-modal inputs as the actor, saves and loads like any PreTrainedModel (upstr
 `--critic.save_value_network` path), and can freeze its vision tower.
 
 `load_critic(...)` takes upstream's arguments and dispatches: a config with `vision_config`
-gets a VLMCritic, anything else upstream's critic. The seam rebinds it as
+gets a VLMCritic, anything else upstream's critic. patches.py rebinds it as
 `ppo_critic.get_llm_for_sequence_regression`.
 """
 
@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ..seam import upstream
+from ..upstream import replaces, upstream
 
 get_llm_for_sequence_regression = upstream("openrlhf.models", "get_llm_for_sequence_regression")
 set_z3_leaf_modules = upstream("openrlhf.models.utils", "set_z3_leaf_modules")
@@ -182,6 +182,13 @@ def vlm_critic_options(**options):
         _VLM_CRITIC_OPTIONS.reset(token)
 
 
+@replaces("openrlhf.trainer.ray.ppo_critic", "get_llm_for_sequence_regression", kept_in={
+    "openrlhf.models": "package export; load_critic calls upstream's for text critics",
+    "openrlhf.models.model": "defines it",
+    "openrlhf.trainer.ray.launcher": "the reward model worker: a reward model is not SAPO's critic",
+    "openrlhf.cli.train_rm": "another entry point (reward model training)",
+    "openrlhf.cli.serve_rm": "another entry point (reward model serving)",
+})
 def load_critic(model_name_or_path: str, model_type: str, **kwargs) -> nn.Module:
     """Upstream's `get_llm_for_sequence_regression`, with VLM critics built by `get_vlm_critic`."""
     from transformers import AutoConfig
@@ -194,5 +201,3 @@ def load_critic(model_name_or_path: str, model_type: str, **kwargs) -> nn.Module
         return get_vlm_critic(model_name_or_path, **kwargs)
     return get_llm_for_sequence_regression(model_name_or_path, model_type, **kwargs)
 
-
-load_critic.__sapo_replaces__ = get_llm_for_sequence_regression

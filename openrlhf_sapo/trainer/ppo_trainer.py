@@ -1,6 +1,6 @@
 """SAPO's Ray trainer actors (the counterpart of openrlhf/trainer/ppo_trainer.py and ppo_trainer_async.py).
 
-Upstream's trainers unchanged, except that each applies the seam's patches in its own Ray
+Upstream's trainers unchanged, except that each applies SAPO's patches (patches.py) in its own Ray
 worker before building anything, so the experience maker, the samples generator and the
 Experience batching there are SAPO's. Async mode's generator and training actors too. The two
 that build the prompt loader (PPOTrainer, GenerateSamplesActor) first seed their process with
@@ -17,7 +17,7 @@ import contextlib
 import logging
 import os
 
-from ..seam import sapo_remote_class, seed_from_strategy, upstream
+from ..upstream import replaces, sapo_remote_class, upstream
 
 _PREFIX = "[openrlhf_sapo]"
 
@@ -32,6 +32,17 @@ def _quiet(logger_name: str):
         yield
     finally:
         logger.setLevel(level)
+
+
+def seed_from_strategy(args, kwargs) -> None:
+    """Seed torch/numpy/random with `--train.seed` before an upstream trainer builds its prompt loader
+    (which draws its shuffling seed from torch's global generator); upstream never seeds that
+    process, so its prompt order would differ from run to run. `strategy` is the second argument
+    of PPOTrainer and GenerateSamplesActor."""
+    import transformers
+
+    strategy = kwargs["strategy"] if "strategy" in kwargs else args[1]
+    transformers.set_seed(strategy.args.train.seed)
 
 
 class RunStateMessages:
@@ -56,10 +67,15 @@ class RunStateMessages:
         return result
 
 
-SapoPPOTrainer = sapo_remote_class(upstream("openrlhf.trainer.ppo_trainer", "PPOTrainer"), mixin=RunStateMessages,
+def _remote(module: str, name: str, mixin=None, before_init=None):
+    """SAPO's remote subclass of upstream's `module.name`, registered as its replacement there."""
+    remote = sapo_remote_class(upstream(module, name), mixin=mixin, before_init=before_init)
+    return replaces(module, name)(remote)
+
+
+# train() imports PPOTrainer lazily, so rebinding it in its module is enough.
+SapoPPOTrainer = _remote("openrlhf.trainer.ppo_trainer", "PPOTrainer", RunStateMessages, seed_from_strategy)
+SapoPPOTrainerAsync = _remote("openrlhf.trainer.ppo_trainer_async", "PPOTrainerAsync")
+SapoTrainingActor = _remote("openrlhf.trainer.ppo_trainer_async", "TrainingActor", RunStateMessages)
+SapoGenerateSamplesActor = _remote("openrlhf.trainer.ppo_trainer_async", "GenerateSamplesActor",
                                    before_init=seed_from_strategy)
-SapoPPOTrainerAsync = sapo_remote_class(upstream("openrlhf.trainer.ppo_trainer_async", "PPOTrainerAsync"))
-SapoTrainingActor = sapo_remote_class(upstream("openrlhf.trainer.ppo_trainer_async", "TrainingActor"),
-                                      mixin=RunStateMessages)
-SapoGenerateSamplesActor = sapo_remote_class(upstream("openrlhf.trainer.ppo_trainer_async", "GenerateSamplesActor"),
-                                             before_init=seed_from_strategy)

@@ -1,7 +1,7 @@
 """Everything that lets OpenRLHF's modules import and run on a machine without a GPU.
 
 This is the only place in the project that knows about running without CUDA; nothing here
-changes behaviour on a GPU machine. `apply()` is idempotent and is called by `seam.py`
+changes behaviour on a GPU machine. `apply()` is idempotent and is called by `upstream.prepare()`
 before upstream is imported.
 
 - flash-attn on CPU is installed as pure Python (FLASH_ATTENTION_SKIP_CUDA_BUILD=TRUE), so

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from ..seam import upstream
+from ..upstream import replaces, upstream
 
 DeepspeedStrategy = upstream("openrlhf.utils.deepspeed", "DeepspeedStrategy")
 
@@ -18,6 +18,10 @@ def describe_model(model: nn.Module) -> str:
     return f"{type(model).__name__}: {size} parameters"
 
 
+# get_strategy imports the name lazily from openrlhf.utils.deepspeed; elsewhere it is a type annotation.
+@replaces("openrlhf.utils.deepspeed", "DeepspeedStrategy", also_in=(
+    "openrlhf.utils.deepspeed.deepspeed", "openrlhf.trainer.ppo_trainer", "openrlhf.trainer.ppo_trainer_async",
+    "openrlhf.trainer.ray.launcher", "openrlhf.trainer.ray.ppo_actor", "openrlhf.trainer.ray.ppo_critic"))
 class SapoDeepspeedStrategy(DeepspeedStrategy):
     def print(self, *msg):
         super().print(*(describe_model(m) if isinstance(m, nn.Module) else m for m in msg))

@@ -4,7 +4,7 @@ The single-process backend runs upstream's own trainer, experience maker, sample
 model workers unchanged; they talk to each other through Ray object refs and actor handles. Here:
 
 - `LocalObjectStore` offers the three calls upstream makes on the `ray` module in those files
-  (`get`, `put`, `wait`; the seam installs it there for the length of a run, `seam.local_ray`).
+  (`get`, `put`, `wait`; `upstream.local_ray` installs it there for the length of a run).
   A call on a local handle runs at once, except a coroutine method (the rollout engine's
   `generate_responses`): its ref stays pending until a `get`/`wait` needs any pending ref, and then
   ALL pending coroutines run together in one event loop, which is what lets the engine batch every

@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from ...seam import upstream
+from ...upstream import upstream
 from ..ppo_trainer import RunStateMessages
 
 PPOTrainer = upstream("openrlhf.trainer.ppo_trainer", "PPOTrainer").__ray_actor_class__

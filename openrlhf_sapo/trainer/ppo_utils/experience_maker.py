@@ -8,15 +8,16 @@ baselines, `compute_reward`); the subclass adds, for `--algo.advantage.estimator
      Otherwise the experience forward costs what upstream's does;
   2. segment ends, computed once per sample by the configured segmenter and stored with the
      experience (with segment statistics in `info`, logged like every (B,) info tensor);
-  3. segment GAE in place of token GAE, then whitening over the whole batch and the
-     advantage clamp (`--algo.sapo.adv_clip`), unless `--algo.advantage.no_std_norm`.
+  3. its own advantage step (`compute_segment_advantages_and_returns`): upstream's reward shaping
+     functions (length penalties, the KL-shaped clipped token rewards of `compute_reward`), then
+     segment GAE with each experience's segment ends, then whitening over the whole batch and the
+     advantage clamp (`--algo.sapo.adv_clip`; centring only with `--algo.advantage.no_std_norm`).
 and, for gae and sapo alike, VC-PPO's decoupled critic lambda when
 `--algo.advantage.critic_lambd` is set. Other estimators are untouched.
 """
 
 from __future__ import annotations
 
-import contextlib
 from typing import Dict, List, Optional
 
 import torch
@@ -24,12 +25,14 @@ import torch
 from ...algo import explained_variance, get_segmenter, masked_whiten, segment_ends, segment_gae, segment_statistics
 from ...algo.segments import value_read_positions
 from ...algo.segmenters import newline_token_table, token_text_table
-from ...config import SAPO_DEFAULTS
+from ...config import SAPO_DEFAULTS, SEGMENTERS, option_flag
 from ...models.utils import vision_special_token_ids
-from ...seam import upstream
+from ...upstream import replaces, upstream
 from .experience import SegmentExperience
 
 RemoteExperienceMaker = upstream("openrlhf.trainer.ppo_utils.experience_maker", "RemoteExperienceMaker")
+apply_length_penalties = upstream("openrlhf.trainer.ppo_utils.length_penalty", "apply_length_penalties")
+compute_reward = upstream("openrlhf.models.utils", "compute_reward")
 
 
 def logs_policy_entropy(args) -> bool:
@@ -43,16 +46,9 @@ def sapo_options(args) -> Dict:
     return {**SAPO_DEFAULTS, **(vars(sapo) if sapo is not None else {})}
 
 
-# Each segmenter's options, read from --algo.sapo.* (and the tokenizer, for the text-driven ones).
-SEGMENTER_OPTIONS = {
-    "entropy": lambda maker: {"topk_percent": maker.sapo["topk_percent"]},
-    "newline": lambda maker: {"newline_table": maker.vocab_tables()["newline"]},
-    "step": lambda maker: {"token_texts": maker.vocab_tables()["texts"], "pattern": maker.sapo["step_pattern"]},
-    "lowprob": lambda maker: {"threshold": maker.sapo["lowprob_threshold"], "every_k": maker.sapo["lowprob_every_k"]},
-    "fixed": lambda maker: {"length": maker.sapo["fixed_length"]},
-}
-
-
+@replaces("openrlhf.trainer.ppo_utils.experience_maker", "RemoteExperienceMaker",
+          rebind_in=("openrlhf.trainer.ppo_trainer",),  # where the trainers build it
+          kept_in={"openrlhf.trainer.ppo_utils.experience_maker": "defines it"})
 class SegmentExperienceMaker(RemoteExperienceMaker):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -62,7 +58,6 @@ class SegmentExperienceMaker(RemoteExperienceMaker):
         self.needs_entropy = self.segmenter_needs_entropy or logs_policy_entropy(self.args)
         self._actor_refs = None
         self._entropies: Optional[List[torch.Tensor]] = None
-        self._experience_by_mask: Dict[int, object] = {}
         self._vocab_tables: Optional[Dict] = None
         self._critic_mm_inputs = None
 
@@ -121,8 +116,10 @@ class SegmentExperienceMaker(RemoteExperienceMaker):
             "log_probs": experience.action_log_probs,
             "token_ids": experience.sequences[:, -mask.shape[1] :],
         }
-        options = SEGMENTER_OPTIONS[name](self)
-        needed = {k: inputs[k] for k in get_segmenter(name).needs}
+        spec = SEGMENTERS[name]
+        options = {table: self.vocab_tables()[table] for table in spec.vocabulary}
+        options.update({o.argument: self.sapo[option_flag(name, o)] for o in spec.options})
+        needed = {k: inputs[k] for k in spec.needs}
         experience.segment_ends = segment_ends(name, mask, **needed, **options)
         stats = segment_statistics(mask, experience.segment_ends, experience.entropy)
         experience.info.update({f"sapo/{k}": v for k, v in stats.items()})
@@ -132,7 +129,7 @@ class SegmentExperienceMaker(RemoteExperienceMaker):
         if self._vocab_tables is None:
             tokenizer = getattr(self.tokenizer, "tokenizer", self.tokenizer)  # a VLM processor wraps one
             texts = token_text_table(tokenizer)
-            self._vocab_tables = {"texts": texts, "newline": newline_token_table(texts)}
+            self._vocab_tables = {"token_texts": texts, "newline_table": newline_token_table(texts)}
         return self._vocab_tables
 
     # ---------------------------------------------------------------- VLM guard
@@ -151,18 +148,31 @@ class SegmentExperienceMaker(RemoteExperienceMaker):
 
     @torch.no_grad()
     def compute_advantages_and_returns(self, experiences):
-        args = self.args
-        self._experience_by_mask = {id(e.action_mask): e for e in experiences}
-        # Upstream branches on self.advantage_estimator for the per-token step and on the
-        # args' estimator for its whitening: run its "gae" branch (our get_advantages_and_returns
-        # below turns it into segment GAE) while the args keep "sapo", so upstream skips its
-        # whitening and ours runs instead.
-        with _estimator_as(self, "gae" if self.is_sapo else self.advantage_estimator):
-            experiences = super().compute_advantages_and_returns(experiences)
-        self._experience_by_mask = {}
-        self.log_explained_variance(experiences)
         if self.is_sapo:
-            self.whiten(experiences, center_only=args.algo.advantage.no_std_norm)
+            experiences = self.compute_segment_advantages_and_returns(experiences)
+        else:
+            experiences = super().compute_advantages_and_returns(experiences)
+        self.log_explained_variance(experiences)
+        return experiences
+
+    def compute_segment_advantages_and_returns(self, experiences):
+        """SAPO's advantage step (spec 2), with upstream's reward shaping for a critic estimator: length
+        penalties, the group reward spread metric, the KL-shaped, clipped per-token rewards of
+        upstream's `compute_reward`; then segment GAE with each experience's own segment ends; then
+        whitening and the clamp over the whole batch."""
+        args = self.args
+        for experience in experiences:  # at least fp32 for penalties and statistics, as upstream
+            experience.rewards = experience.rewards.to(torch.promote_types(experience.rewards.dtype, torch.float32))
+        apply_length_penalties(experiences, args)
+        log_group_reward_std(experiences, args.rollout.n_samples_per_prompt)
+        for experience in experiences:
+            reward = compute_reward(experience.rewards, self.kl_ctl.value, experience.kl,
+                                    action_mask=experience.action_mask, reward_clip_range=args.reward.clip_range)
+            experience.advantages, experience.returns = self.segment_advantages_and_returns(
+                experience.values, reward, experience.action_mask, experience.segment_ends)
+            experience.info["return"] = reward.sum(dim=-1)
+            experience.kl = None
+        self.whiten(experiences, center_only=args.algo.advantage.no_std_norm)
         return experiences
 
     def log_explained_variance(self, experiences) -> None:
@@ -183,22 +193,28 @@ class SegmentExperienceMaker(RemoteExperienceMaker):
         for e in experiences:
             e.info["critic/explained_variance"] = ev.expand(e.action_mask.shape[0]).clone()
 
-    def get_advantages_and_returns(self, values, rewards, action_mask, gamma, lambd):
+    def critic_lambd(self, lambd: float) -> float:
+        """VC-PPO's decoupled critic lambda (`--algo.advantage.critic_lambd`), else the policy's."""
         critic_lambd = getattr(self.args.algo.advantage, "critic_lambd", None)
-        critic_lambd = lambd if critic_lambd is None else critic_lambd
-        if not self.is_sapo:
-            advantages, returns = super().get_advantages_and_returns(values, rewards, action_mask, gamma, lambd)
-            if critic_lambd != lambd:  # VC-PPO: the critic's returns use their own lambda
-                returns = super().get_advantages_and_returns(values, rewards, action_mask, gamma, critic_lambd)[1]
-            return advantages, returns
-        experience = self._experience_by_mask.get(id(action_mask))
-        if experience is None or experience.segment_ends is None:
-            raise RuntimeError("segment GAE was asked for an experience without segment ends")
-        mask = action_mask.bool()
-        value_at = self.sapo["value_at"]
-        advantages, returns = segment_gae(rewards, values, mask, experience.segment_ends, gamma, lambd, value_at)
-        if critic_lambd != lambd:
-            returns = segment_gae(rewards, values, mask, experience.segment_ends, gamma, critic_lambd, value_at)[1]
+        return lambd if critic_lambd is None else critic_lambd
+
+    def get_advantages_and_returns(self, values, rewards, action_mask, gamma, lambd):
+        """Upstream's token GAE (the gae estimator); the critic's returns with their own lambda (VC-PPO)."""
+        advantages, returns = super().get_advantages_and_returns(values, rewards, action_mask, gamma, lambd)
+        if self.critic_lambd(lambd) != lambd:
+            returns = super().get_advantages_and_returns(values, rewards, action_mask, gamma, self.critic_lambd(lambd))[1]
+        return advantages, returns
+
+    def segment_advantages_and_returns(self, values, rewards, action_mask, segment_ends):
+        """Segment GAE (spec 2) of one experience; the critic's returns with their own lambda (VC-PPO)."""
+        if segment_ends is None:
+            raise RuntimeError("segment GAE was asked for an experience without segment ends (not segmented by "
+                               "SegmentExperienceMaker.make_experience)")
+        gamma, lambd = self.args.algo.advantage.gamma, self.args.algo.advantage.lambd
+        mask, value_at = action_mask.bool(), self.sapo["value_at"]
+        advantages, returns = segment_gae(rewards, values, mask, segment_ends, gamma, lambd, value_at)
+        if self.critic_lambd(lambd) != lambd:
+            returns = segment_gae(rewards, values, mask, segment_ends, gamma, self.critic_lambd(lambd), value_at)[1]
         return advantages, returns
 
     def whiten(self, experiences, center_only: bool) -> None:
@@ -232,14 +248,18 @@ def mask_vision_tokens_in_responses(samples, vision_ids: set, pad_id: int) -> in
     return count
 
 
-@contextlib.contextmanager
-def _estimator_as(maker, estimator: str):
-    saved = maker.advantage_estimator
-    maker.advantage_estimator = estimator
-    try:
-        yield
-    finally:
-        maker.advantage_estimator = saved
+def log_group_reward_std(experiences, n_samples_per_prompt: int) -> None:
+    """`group_reward_std`: the spread of the rewards among each prompt's samples, logged per sample as
+    upstream logs it for every estimator (`index` is each sample's position in prompt order)."""
+    if n_samples_per_prompt <= 1:
+        return
+    index = torch.tensor([i for experience in experiences for i in experience.index])
+    rewards = torch.cat([experience.rewards for experience in experiences])
+    in_prompt_order = torch.empty_like(rewards)
+    in_prompt_order[index] = rewards
+    spread = in_prompt_order.view(-1, n_samples_per_prompt).std(-1).repeat_interleave(n_samples_per_prompt)[index]
+    for experience, chunk in zip(experiences, spread.split([len(e.index) for e in experiences])):
+        experience.info["group_reward_std"] = chunk
 
 
 __all__ = ["SegmentExperienceMaker", "SegmentExperience", "sapo_options"]

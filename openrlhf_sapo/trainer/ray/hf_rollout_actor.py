@@ -11,7 +11,7 @@ broadcast per parameter from the actor's rank 0 over the gloo group of utils/dis
 under the Hugging Face names the engine's own model has. `last_sync_checksum()` answers
 `--vllm.check_weight_sync` as the vLLM workers do.
 
-`seam.install_for_training` binds it (as `openrlhf.trainer.ray.vllm_engine.RolloutRayActor`) only
+`patches.install_for_training` binds it (as `openrlhf.trainer.ray.vllm_engine.RolloutRayActor`) only
 in CPU mode for a VLM (`--data.max_images_per_prompt > 0`).
 """
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 
-from ...seam import upstream
+from ...upstream import conditional_replacement, prepare, upstream
 
 
 def make_hf_rollout_actor_class():
@@ -34,15 +34,14 @@ def make_hf_rollout_actor_class():
             import torch
             from transformers import AutoModelForImageTextToText, AutoProcessor
 
-            from ... import seam
             from ..local.hf_engine import HFRolloutEngine
 
-            seam.prepare()
+            prepare()
             torch.manual_seed(seed)
             if agent_func_path:
-                executor = seam.upstream("openrlhf.trainer.ray.vllm_engine", "_load_agent_executor")(agent_func_path)
+                executor = upstream("openrlhf.trainer.ray.vllm_engine", "_load_agent_executor")(agent_func_path)
             else:
-                executor = seam.upstream("openrlhf.utils.agent", "SingleTurnAgentExecutor")(remote_rm_url)
+                executor = upstream("openrlhf.utils.agent", "SingleTurnAgentExecutor")(remote_rm_url)
             processor = AutoProcessor.from_pretrained(model, trust_remote_code=trust_remote_code)
             hf_model = AutoModelForImageTextToText.from_pretrained(
                 model, dtype=torch.float32, trust_remote_code=trust_remote_code, attn_implementation="sdpa")
@@ -112,5 +111,4 @@ def make_hf_rollout_actor_class():
 
     options = getattr(upstream_remote, "_default_options", None)
     remote = ray.remote(**options)(HFRolloutRayActor) if options else ray.remote(HFRolloutRayActor)
-    remote.__sapo_replaces__ = upstream_remote
-    return remote
+    return conditional_replacement(remote, upstream_remote)

@@ -2,7 +2,7 @@
 
 - `SegmentActorPPOTrainer`: upstream's ActorPPOTrainer whose loss is `SegmentPolicyLoss`
   for the `sapo` estimator; each training step hands the micro-batch's stored segment ends
-  to the loss. Installed by `seam.apply_patches()` as `ppo_actor.ActorPPOTrainer`.
+  to the loss. Installed by `patches.apply_patches()` as `ppo_actor.ActorPPOTrainer`.
   With `--vllm.check_weight_sync`, each weight sync is followed by a check that every engine
   worker loaded exactly what the actor sent (float64 sums; a mismatch raises).
 - `SapoPolicyModelActor`: upstream's PolicyModelActor whose experience forward can also
@@ -17,7 +17,8 @@ import math
 import torch
 
 from ...models.loss import SegmentPolicyLoss
-from ...seam import sapo_remote_class, upstream
+from ...models.utils import call_inputs
+from ...upstream import replaces, sapo_remote_class, upstream
 from ..ppo_utils.experience_maker import sapo_options
 
 ActorPPOTrainer = upstream("openrlhf.trainer.ray.ppo_actor", "ActorPPOTrainer")
@@ -25,6 +26,7 @@ merge_mm_train_inputs = upstream("openrlhf.utils.vlm_utils", "merge_mm_train_inp
 PolicyModelActor = upstream("openrlhf.trainer.ray.ppo_actor", "PolicyModelActor")
 
 
+@replaces("openrlhf.trainer.ray.ppo_actor", "ActorPPOTrainer")
 class SegmentActorPPOTrainer(ActorPPOTrainer):
     def __init__(self, strategy, *args, **kwargs):
         super().__init__(strategy, *args, **kwargs)
@@ -79,7 +81,7 @@ class SegmentActorPPOTrainer(ActorPPOTrainer):
                 "a SAPO training step got an experience without segment_ends: it was not made by "
                 "SegmentExperienceMaker, or an upstream batching path dropped the field"
             )
-        with self.actor_loss_fn.segments(experience.segment_ends):
+        with call_inputs(self.actor_loss_fn, segment_ends=experience.segment_ends):
             return super().training_step(experience, *args, **kwargs)
 
 
@@ -117,4 +119,5 @@ class SapoPolicyModelActorMixin:
         return log_probs.to("cpu"), entropy.to("cpu")
 
 
-SapoPolicyModelActor = sapo_remote_class(PolicyModelActor, SapoPolicyModelActorMixin)
+SapoPolicyModelActor = replaces("openrlhf.trainer.ray.ppo_actor", "PolicyModelActor", also_in=(
+    "openrlhf.cli.train_ppo_ray",))(sapo_remote_class(PolicyModelActor, SapoPolicyModelActorMixin))

@@ -12,12 +12,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 
 from ...algo.segments import value_read_positions
+from ...models.utils import call_inputs
 from ...models.vlm_critic import is_vlm_config, vlm_critic_options
-from ...seam import sapo_remote_class, upstream
+from ...upstream import replaces, sapo_remote_class, upstream
 from ..ppo_utils.experience_maker import sapo_options
 
 CriticModelActor = upstream("openrlhf.trainer.ray.ppo_critic", "CriticModelActor")
@@ -37,33 +37,6 @@ def to_boundary_experience(experience, value_at: str):
     return dataclasses.replace(experience, action_mask=boundary, info=dict(experience.info))
 
 
-class _CallWith:
-    """Stands in for a model during one upstream call, adding keyword inputs to every call."""
-
-    def __init__(self, model, **extra):
-        self._model, self._extra = model, extra
-
-    def __call__(self, *args, **kwargs):
-        return self._model(*args, **kwargs, **self._extra)
-
-    def __getattr__(self, name):
-        return getattr(self._model, name)
-
-
-@contextlib.contextmanager
-def critic_inputs(owner, mm_inputs: dict):
-    """While active, `owner.critic(...)` also receives the multi-modal inputs."""
-    if not mm_inputs:
-        yield
-        return
-    critic = owner.critic
-    owner.critic = _CallWith(critic, **mm_inputs)
-    try:
-        yield
-    finally:
-        owner.critic = critic
-
-
 def takes_images(critic) -> bool:
     """Whether the critic (a DeepSpeed engine or the model) is a VLM critic. A text critic next to a VLM
     actor (a cheaper critic) gets the token ids only, image placeholders included."""
@@ -71,13 +44,14 @@ def takes_images(critic) -> bool:
     return is_vlm_config(getattr(model, "config", None))
 
 
+@replaces("openrlhf.trainer.ray.ppo_critic", "CriticPPOTrainer")
 class SegmentCriticPPOTrainer(CriticPPOTrainer):
     """Upstream's critic trainer; a VLM critic's training forward also gets the images."""
 
     def training_step(self, experience, *args, **kwargs):
         mm = getattr(experience, "mm_train_inputs", None)
         mm_inputs = merge_mm_train_inputs(mm, experience.sequences.device) if mm and takes_images(self.critic) else {}
-        with critic_inputs(self, mm_inputs):
+        with call_inputs(self.critic, **mm_inputs):  # upstream's critic call passes no images
             return super().training_step(experience, *args, **kwargs)
 
 
@@ -93,7 +67,7 @@ class SapoCriticModelActorMixin:
         mm_inputs = {}
         if mm_train_inputs_list and takes_images(self.critic):
             mm_inputs = merge_mm_train_inputs(mm_train_inputs_list, torch.cuda.current_device())
-        with critic_inputs(self, mm_inputs):
+        with call_inputs(self.critic, **mm_inputs):
             return super().forward(*args, **kwargs)
 
     def append(self, experience):
@@ -103,4 +77,5 @@ class SapoCriticModelActorMixin:
         return super().append(experience)
 
 
-SapoCriticModelActor = sapo_remote_class(CriticModelActor, SapoCriticModelActorMixin)
+SapoCriticModelActor = replaces("openrlhf.trainer.ray.ppo_critic", "CriticModelActor", also_in=(
+    "openrlhf.cli.train_ppo_ray",))(sapo_remote_class(CriticModelActor, SapoCriticModelActorMixin))

@@ -70,7 +70,9 @@ import importlib
 import os
 from typing import Any
 
-# Every upstream name this module rebinds (module, attribute), for openrlhf_sapo.seam.
+from ...upstream import conditional_replacement, prepare, rebind, upstream
+
+# Every upstream name this module rebinds (module, attribute): upstream.rebind, at the run's choice.
 REBOUND = (("openrlhf.trainer.ray.vllm_engine", "RolloutRayActor"),)
 
 _VLLM_ENGINE = "openrlhf.trainer.ray.vllm_engine"
@@ -84,17 +86,13 @@ def _positive_int(value, what: str) -> int:
 
 
 def _engine_module():
-    from ... import seam
-
-    seam.prepare()  # the pinned openrlhf, and the CPU stand-ins where there is no GPU
+    prepare()  # the pinned openrlhf, and the CPU stand-ins where there is no GPU
     return importlib.import_module(_VLLM_ENGINE)
 
 
 def upstream_rollout_actor():
     """Upstream's `RolloutRayActor` remote class, also after `apply_pipeline_parallel` rebound it."""
-    from ... import seam
-
-    return seam.upstream(_VLLM_ENGINE, "RolloutRayActor")
+    return upstream(_VLLM_ENGINE, "RolloutRayActor")
 
 
 # vLLM engine options on a machine without CUDA: fp32 (the fast path of vLLM on CPU; bf16 has no
@@ -167,22 +165,19 @@ def make_rollout_actor_class(pipeline_parallel_size: int, cpu: bool = False):
     options = getattr(upstream_remote, "_default_options", None)  # upstream's @ray.remote(...) options
     cls = PipelineParallelRolloutActor
     remote = ray.remote(**options)(cls) if options else ray.remote(cls)
-    remote.__sapo_replaces__ = upstream_remote  # what openrlhf_sapo.seam reads to find upstream's class
-    _CLASSES[(P, cpu)] = remote
+    _CLASSES[(P, cpu)] = conditional_replacement(remote, upstream_remote)
     return remote
 
 
-def _bind(rollout_actor) -> bool:
+def bind_rollout_actor(rollout_actor) -> bool:
     """Point upstream's `RolloutRayActor` at `rollout_actor` (upstream's or one of ours)."""
-    from ... import seam
-
     module = _engine_module()
     if module.RolloutRayActor is rollout_actor:
         return False
     if rollout_actor is upstream_rollout_actor():  # back to upstream's (P == 1 after P > 1)
         setattr(module, "RolloutRayActor", rollout_actor)
     else:
-        seam.rebind(_VLLM_ENGINE, "RolloutRayActor", rollout_actor)  # checks it replaces upstream's
+        rebind(_VLLM_ENGINE, "RolloutRayActor", rollout_actor, upstream_rollout_actor())  # checks it was upstream's
     return True
 
 
@@ -209,7 +204,7 @@ def apply_pipeline_parallel(args, cpu: bool = False) -> dict:
         )
 
     if P == 1 and not cpu:
-        restored = _bind(upstream_rollout_actor())
+        restored = bind_rollout_actor(upstream_rollout_actor())
         return {
             "pipeline_parallel_size": 1,
             "engine_tensor_parallel_size": gpus,
@@ -228,7 +223,7 @@ def apply_pipeline_parallel(args, cpu: bool = False) -> dict:
             "vllm.engine_tensor_parallel_size": (None, engine_tp),
         }
     cls = make_rollout_actor_class(P, cpu)
-    rebound = _bind(cls)
+    rebound = bind_rollout_actor(cls)
     return {
         "pipeline_parallel_size": P,
         "engine_tensor_parallel_size": engine_tp,

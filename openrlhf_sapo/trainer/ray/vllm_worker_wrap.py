@@ -1,7 +1,7 @@
 """SAPO's vLLM worker extension (the counterpart of openrlhf/trainer/ray/vllm_worker_wrap.py).
 
 vLLM imports this class by name in each of its worker processes (`worker_extension_cls`), so the
-module goes through the seam first (the pinned openrlhf, and the CPU stand-ins on a machine
+module goes through openrlhf_sapo.upstream first (the pinned openrlhf, and the CPU stand-ins on a machine
 without CUDA, where those processes start with nothing prepared).
 
 - On a GPU every upstream method runs unchanged.
@@ -21,7 +21,7 @@ without CUDA, where those processes start with nothing prepared).
 
 from __future__ import annotations
 
-from ...seam import upstream
+from ...upstream import upstream
 from ...utils.distributed_util import stateless_init_process_group
 
 UpstreamWorkerWrap = upstream("openrlhf.trainer.ray.vllm_worker_wrap", "WorkerWrap")
