@@ -11,6 +11,11 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Tuple
 
 
+SAPO_ESTIMATOR = "sapo"  # the --algo.advantage.estimator choice SAPO adds
+VALUE_AT = ("end", "start")  # where a segment's value is read: the release's end, the paper's start (s_m)
+RATIOS = ("segment", "token")  # the actor's importance ratio: SAPO's, or the naive-IS ablation's
+
+
 @dataclass(frozen=True)
 class SegmenterOption:
     """One option of a segmenter: the function's keyword `argument`, set by `--algo.sapo.<flag>`

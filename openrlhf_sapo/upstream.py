@@ -92,7 +92,7 @@ UPSTREAM_SYMBOLS = (
 )
 
 # Upstream code the project runs from the installed source files rather than by import
-# (openrlhf_sapo/cli/upstream_parser.py checks the structure it expects and fails clearly).
+# (openrlhf_sapo/cli/upstream_main.py checks the structure it expects and fails clearly).
 UPSTREAM_SOURCE_READS = (
     ("openrlhf.cli.train_ppo_ray", "__main__ block: the argparse parser and the argument validation"),
     ("openrlhf.utils.config", "hierarchize, loaded alone (openrlhf.utils' __init__ imports DeepSpeed)"),

@@ -21,7 +21,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from openrlhf_sapo.rewards import grading
+from openrlhf_sapo.rewards import answer_types, grading, verifier_pool
 from openrlhf_sapo.rewards.grading import (
     extract_final_answer,
     format_score,
@@ -118,8 +118,9 @@ def test_choice_reasons_and_auto_guess():
     assert score_response("\\boxed{12}", "B")["reason"] == "no option letter in answer"
     assert score_response("\\boxed{B}", "12", "choice")["reason"] == "label is not an option letter"
     # "auto" takes only A-E as option letters; "F" is then an expression, which math-verify lowercases
-    assert grading._guess_type("(F)") == "expression" and grading._guess_type("(E)") == "choice"
-    assert grading._guess_type("1,000") == "number" and grading._guess_type("2\\sqrt{3}") == "expression"
+    guess = lambda label: answer_types.guess_answer_type(label, for_grader=True)  # noqa: E731
+    assert guess("(F)") == "expression" and guess("(E)") == "choice"
+    assert guess("1,000") == "number" and guess("2\\sqrt{3}") == "expression"
 
 
 def test_is_equivalent_rejects_bad_arguments_loudly():
@@ -222,7 +223,7 @@ def test_power_towers_time_out(answer):
 def test_hard_kill_when_the_worker_does_not_answer(monkeypatch):
     # The worker's own SIGALRM normally interrupts sympy first; set it after the parent's deadline so
     # the parent's kill-and-restart path runs (what happens to a computation stuck in C).
-    monkeypatch.setattr(grading, "_SOFT_TIMEOUT_FRACTION", 20.0)
+    monkeypatch.setattr(verifier_pool, "_SOFT_TIMEOUT_FRACTION", 20.0)
     pool = grading._default_pool()
     pool.prestart()
     assert score_response("\\boxed{x+3}", "3+x")["accuracy"] == 1.0
@@ -235,7 +236,7 @@ def test_hard_kill_when_the_worker_does_not_answer(monkeypatch):
 
 
 def test_a_batch_continues_after_a_timeout(monkeypatch):
-    monkeypatch.setattr(grading, "_SOFT_TIMEOUT_FRACTION", 20.0)
+    monkeypatch.setattr(verifier_pool, "_SOFT_TIMEOUT_FRACTION", 20.0)
     started = time.monotonic()
     results = score_responses(
         ["\\boxed{x+1}", "\\boxed{9^{9^{9^{9}}}}", "\\boxed{2\\sqrt{3}}"], ["1+x", "5", "\\sqrt{12}"], timeout_s=0.5
@@ -259,8 +260,7 @@ def test_a_killed_worker_is_replaced():
 
 
 def test_a_helper_that_cannot_start_fails_loudly_at_check_and_scores_zero(monkeypatch):
-    monkeypatch.setattr(sys, "executable", "/bin/false")
-    broken = grading.VerifierPool(workers=1)
+    broken = grading.VerifierPool(workers=1, memory_mb=1)  # a 1 MB address space: the helper cannot start
     with pytest.raises(RuntimeError, match="helper process could not start: worker failed to start"):
         broken.check()
     monkeypatch.setattr(grading, "_POOL", broken)
@@ -490,7 +490,8 @@ def test_path_load_of_a_copy_outside_the_package(tmp_path, monkeypatch):
         assert out["rewards"].tolist() == [1.0, 0.0]  # pure accuracy; the worker runs the copied grading.py
     finally:
         module.grading.shutdown_verifier()
-        sys.modules.pop("_openrlhf_sapo_rewards_grading", None)
+        for name in [n for n in sys.modules if n.split(".")[0] == "_openrlhf_sapo_rewards"]:
+            sys.modules.pop(name)
 
 
 @pytest.mark.parametrize(

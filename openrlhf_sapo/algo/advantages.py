@@ -6,10 +6,10 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..config import VALUE_AT
 from ._checks import check_choice, check_ends, check_float, check_mask, check_positive, check_unit_interval
 from .segments import segment_ids, segment_sum, to_tokens, value_read_positions
 
-VALUE_AT = ("end", "start")
 _SCAN_CHUNK = 256
 
 

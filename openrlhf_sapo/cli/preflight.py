@@ -21,6 +21,8 @@ import re
 from collections import defaultdict
 from typing import Dict, Iterator, List, Optional, Tuple
 
+from openrlhf_sapo.utils.vlm_utils import is_vlm_checkpoint
+
 LOCAL_EXTENSIONS = (".json", ".jsonl", ".csv", ".parquet", ".arrow", ".py")
 IMAGE_TAG = "<image>"
 ROWS_SHOWN = 8
@@ -182,22 +184,11 @@ def check_row(row, *, input_key: str, label_key: Optional[str], image_key: Optio
 # ---------------------------------------------------------------- the checks
 
 
-def is_vlm_model(path: Optional[str]) -> bool:
-    """Whether a local model folder's config is a vision-language model's (hub names: not read)."""
-    config = os.path.join(os.path.expanduser(path or ""), "config.json")
-    if not path or not os.path.isfile(config):
-        return False
-    try:
-        with open(config) as f:
-            return "vision_config" in json.load(f)
-    except (OSError, ValueError):
-        return False
-
 
 def check_datasets(args, problems: Problems) -> Dict[str, int]:
     """Reads every local dataset the flags name; returns the rows a run will use per flag."""
     data = args.data
-    vlm = data.max_images_per_prompt > 0 or is_vlm_model(args.actor.model_name_or_path)
+    vlm = data.max_images_per_prompt > 0 or is_vlm_checkpoint(args.actor.model_name_or_path)
     columns = [c for c in (data.input_key, data.label_key, data.image_key if vlm else None) if c]
     used = {}
     for flag, value, limit in (("--data.prompt_dataset", data.prompt_dataset, data.max_samples),

@@ -141,7 +141,7 @@ def build_rollout_engine(args, tokenizer, store):
     """The HF rollout engine with its own copy of the policy, and upstream's agent executor."""
     import torch
 
-    from openrlhf_sapo import patches, upstream
+    from openrlhf_sapo import upstream
     from openrlhf_sapo.trainer.local.hf_engine import HFRolloutEngine
 
     path = args.actor.model_name_or_path

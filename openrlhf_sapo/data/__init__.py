@@ -6,6 +6,7 @@
 
 Each writes one ``<split>.jsonl`` per split (Geo3K also ``images/<split>/<row>.png``) with the keys
 ``prompt``, ``label`` (, ``images``), ``answer_type``, ``datasource``, ``source``, ``id``, and prints
-the OpenRLHF flags that read them. ``openrlhf_sapo.data.common`` holds the shared reading, validation
-and writing. Submodules are not imported here, so ``import openrlhf_sapo.data`` stays cheap.
+the OpenRLHF flags that read them. The shared parts: ``sources`` (reading), ``images``, ``rows``
+(validation, output rows) and ``common`` (the run and the command line; it re-exports the others).
+Submodules are not imported here, so ``import openrlhf_sapo.data`` stays cheap.
 """

@@ -27,6 +27,8 @@ import sys
 import tempfile
 from typing import Iterable, Optional
 
+from openrlhf_sapo.utils.vlm_utils import VISION_SPECIAL_TOKENS, vision_special_token_ids
+
 ENDOFTEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -37,6 +39,7 @@ VIDEO_PAD = "<|video_pad|>"
 # Order fixes the ids (they follow the character vocabulary).
 SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD)
 VISION_TOKENS = (VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD)
+assert set(VISION_TOKENS) == set(VISION_SPECIAL_TOKENS)  # the tokens utils/vlm_utils.py guards
 
 # One image token per 28x28 area: patch 14, 2x2 merge.
 PATCH_SIZE = 14
@@ -150,14 +153,7 @@ def vision_token_ids(tokenizer_or_processor) -> list:
     Suppress these when sampling from a random VLM (its forward fails when a response contains
     image tokens): `model.generate(..., suppress_tokens=ids)` or `bad_words_ids=[[i] for i in ids]`.
     Raises ValueError when the tokenizer lacks one of them."""
-    tokenizer = getattr(tokenizer_or_processor, "tokenizer", tokenizer_or_processor)
-    ids = []
-    for token in VISION_TOKENS:
-        i = tokenizer.convert_tokens_to_ids(token)
-        if i is None or i == tokenizer.unk_token_id or tokenizer.convert_ids_to_tokens(int(i)) != token:
-            raise ValueError(f"{token} is not in this tokenizer's vocabulary")
-        ids.append(int(i))
-    return sorted(ids)
+    return vision_special_token_ids(tokenizer_or_processor, strict=True)
 
 
 def _init_seeded(build, seed: int):

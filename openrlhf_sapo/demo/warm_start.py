@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from openrlhf_sapo.demo.tiny_models import IM_END, vision_token_ids
+from openrlhf_sapo.utils.vlm_utils import is_vlm_config
 
 IGNORE_INDEX = -100
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "config.json",
@@ -41,10 +42,6 @@ _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_m
 # Loading
 
 
-def _is_vlm(config) -> bool:
-    return getattr(config, "model_type", "") in ("qwen2_5_vl", "qwen2_vl")
-
-
 def load_model(model_dir: str):
     """(model, tokenizer, processor or None) from a folder built by `tiny_models` (or a warm start)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor, AutoTokenizer
@@ -52,7 +49,7 @@ def load_model(model_dir: str):
     if not os.path.isdir(model_dir):
         raise FileNotFoundError(f"model folder {model_dir!r} does not exist")
     config = AutoConfig.from_pretrained(model_dir)
-    if _is_vlm(config):
+    if is_vlm_config(config):
         from transformers import Qwen2_5_VLForConditionalGeneration
 
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from openrlhf_sapo.eval.benchmarks import IMAGE_TAG, Example
+from openrlhf_sapo.utils.vlm_utils import is_vlm_config
 
 BACKENDS = ("auto", "vllm", "hf")
 
@@ -119,10 +120,6 @@ def load_image(ref: str, example: Example):
         raise GenerationSetupError(f"row {example.id!r}: cannot open image {what}: {type(e).__name__}: {e}") from e
 
 
-def _is_vlm_config(config) -> bool:
-    return getattr(config, "vision_config", None) is not None
-
-
 # --------------------------------------------------------------------------------------------
 # Backends
 
@@ -159,7 +156,7 @@ def _load_template_owner(model_path: str, config: GenerationConfig, need_vision:
         model_config = AutoConfig.from_pretrained(model_path, trust_remote_code=config.trust_remote_code)
     except Exception as e:  # noqa: BLE001
         raise GenerationSetupError(f"cannot load the model config from {model_path}: {type(e).__name__}: {e}") from e
-    is_vlm = _is_vlm_config(model_config)
+    is_vlm = is_vlm_config(model_config)
     if need_vision and not is_vlm:
         raise GenerationSetupError(
             f"the benchmarks have images but {model_path} is a text-only model (its config has no vision_config)"

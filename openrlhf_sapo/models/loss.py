@@ -25,12 +25,12 @@ import torch
 
 from ..algo import segment_log_ratio
 from ..algo.losses import LOG_RATIO_CLAMP
+from ..config import RATIOS
 from .. import OPENRLHF_VERSION
 from ..upstream import UpstreamMismatch, upstream
 
 PolicyLoss = upstream("openrlhf.models.loss", "PolicyLoss")
 
-RATIOS = ("segment", "token")
 
 
 class SegmentPolicyLoss(PolicyLoss):

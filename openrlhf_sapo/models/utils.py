@@ -65,16 +65,3 @@ def call_inputs(module: torch.nn.Module, **inputs):
         yield module
     finally:
         handle.remove()
-
-
-VISION_SPECIAL_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
-
-
-def vision_special_token_ids(processor) -> list:
-    """Sorted ids of a VLM processor's vision special tokens (its image/video ids and Qwen-VL's
-    pads and markers): a sampled one breaks every later forward of that sequence."""
-    tokenizer = getattr(processor, "tokenizer", processor)
-    ids = {getattr(processor, attr, None) for attr in ("image_token_id", "video_token_id")}
-    vocab = tokenizer.get_vocab()
-    ids |= {vocab.get(token) for token in VISION_SPECIAL_TOKENS}
-    return sorted(int(i) for i in ids if i is not None)

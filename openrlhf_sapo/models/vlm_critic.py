@@ -24,19 +24,10 @@ import torch
 import torch.nn as nn
 
 from ..upstream import replaces, upstream
+from ..utils.vlm_utils import is_vlm_config
 
 get_llm_for_sequence_regression = upstream("openrlhf.models", "get_llm_for_sequence_regression")
 set_z3_leaf_modules = upstream("openrlhf.models.utils", "set_z3_leaf_modules")
-
-
-def is_vlm_config(config) -> bool:
-    return getattr(config, "vision_config", None) is not None
-
-
-def vision_token_ids(config) -> set:
-    """Token ids a VLM accepts only where the processor put them (image/video pads and markers)."""
-    names = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id", "image_token_index")
-    return {int(getattr(config, n)) for n in names if getattr(config, n, None) is not None}
 
 
 @functools.lru_cache(maxsize=None)

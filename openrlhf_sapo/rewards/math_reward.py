@@ -36,40 +36,51 @@ process (python logging, logger "openrlhf_sapo.rewards"). Upstream would otherwi
 set the reward to None and fail later with "reward_model_group is required".
 
 Works both as ``import openrlhf_sapo.rewards.math_reward`` and loaded by path (the sibling ``grading.py``
-is then used, imported as the package module when that is the same file, else loaded by path).
+is then used, imported as the package module when that is the same file; else this file's folder is
+imported as the package ``_openrlhf_sapo_rewards``, so that ``grading`` finds its sibling modules and the
+helper processes import the same files).
 """
 
-import importlib.util
+import importlib
 import logging
 import os
 import sys
+import types
 
 import torch
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _GRADING_PATH = os.path.join(_HERE, "grading.py")
-_BY_PATH_NAME = "_openrlhf_sapo_rewards_grading"
+_BY_PATH_PACKAGE = "_openrlhf_sapo_rewards"
 
 logger = logging.getLogger("openrlhf_sapo.rewards")
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _load_grading():
     try:
         from openrlhf_sapo.rewards import grading
 
-        if os.path.samefile(grading.__file__, _GRADING_PATH):
+        if _same_file(grading.__file__, _GRADING_PATH):
             return grading
-    except (ImportError, OSError):
+    except ImportError:
         pass
-    # Loaded by path from a checkout that is not the importable package: use the file next to this one.
-    module = sys.modules.get(_BY_PATH_NAME)
-    if module is not None and os.path.samefile(module.__file__, _GRADING_PATH):
-        return module
-    spec = importlib.util.spec_from_file_location(_BY_PATH_NAME, _GRADING_PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[_BY_PATH_NAME] = module
-    spec.loader.exec_module(module)
-    return module
+    # Loaded by path from a checkout that is not the importable package: import this folder as a package
+    # of its own (grading imports its siblings relatively), replacing one registered from another folder.
+    package = sys.modules.get(_BY_PATH_PACKAGE)
+    if package is None or not _same_file(package.__path__[0], _HERE):
+        for name in [n for n in sys.modules if n == _BY_PATH_PACKAGE or n.startswith(_BY_PATH_PACKAGE + ".")]:
+            del sys.modules[name]
+        package = types.ModuleType(_BY_PATH_PACKAGE)
+        package.__path__ = [_HERE]
+        sys.modules[_BY_PATH_PACKAGE] = package
+    return importlib.import_module(_BY_PATH_PACKAGE + ".grading")
 
 
 grading = _load_grading()

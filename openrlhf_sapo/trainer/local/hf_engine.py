@@ -25,7 +25,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from ...models.utils import vision_special_token_ids
+from ...utils.vlm_utils import vision_special_token_ids
 
 
 @dataclass

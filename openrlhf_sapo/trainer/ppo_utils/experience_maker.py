@@ -26,7 +26,7 @@ from ...algo import explained_variance, get_segmenter, masked_whiten, segment_en
 from ...algo.segments import value_read_positions
 from ...algo.segmenters import newline_token_table, token_text_table
 from ...config import SAPO_DEFAULTS, SEGMENTERS, option_flag
-from ...models.utils import vision_special_token_ids
+from ...utils.vlm_utils import vision_special_token_ids
 from ...upstream import replaces, upstream
 from .experience import SegmentExperience
 

@@ -16,7 +16,8 @@ import dataclasses
 
 from ...algo.segments import value_read_positions
 from ...models.utils import call_inputs
-from ...models.vlm_critic import is_vlm_config, vlm_critic_options
+from ...models.vlm_critic import vlm_critic_options
+from ...utils.vlm_utils import is_vlm_config
 from ...upstream import replaces, sapo_remote_class, upstream
 from ..ppo_utils.experience_maker import sapo_options
 
