@@ -274,6 +274,25 @@ def openrlhf_flags(spec: DatasetSpec, out_dir: str, stats: dict[str, SplitStats]
 # Command line
 
 
+def add_hub_args(parser: argparse.ArgumentParser, hub_id: str, hub_config: str | None = None,
+                 config_help: str = "dataset config name") -> None:
+    """The flags of a dataset read from one hub id (geo3k, gsm8k); `hub_sources` reads them."""
+    hub = parser.add_argument_group("hub input (needs network)")
+    hub.add_argument("--hub-id", default=hub_id, help="dataset id on the Hugging Face hub (default: %(default)s)")
+    hub.add_argument("--hub-config", default=hub_config, help=config_help)
+    hub.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    hub.add_argument("--cache-dir", default=None, help="datasets cache folder")
+
+
+def hub_sources(args: argparse.Namespace) -> Callable[[list[str]], dict]:
+    """The split sources of `add_hub_args`'s flags: split s of --hub-id (its --hub-config, '' = the default)."""
+    def sources(splits: list[str]) -> dict:
+        config = args.hub_config or None
+        return {s: hub_split_source(s, args.hub_id, [config], s, args.revision, args.cache_dir) for s in splits}
+
+    return sources
+
+
 def add_common_args(parser: argparse.ArgumentParser, spec_splits: tuple[str, ...], multimodal: bool) -> None:
     out = parser.add_argument_group("output")
     out.add_argument("--output-dir", required=True, help="folder for <split>.jsonl (created if missing)")

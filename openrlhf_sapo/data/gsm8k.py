@@ -70,27 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
         "OpenRLHF flags that read them. Exit codes: 0 written, 1 bad rows (nothing written unless "
         "--skip-bad), 2 usage or input errors.",
     )
-    hub = parser.add_argument_group("hub input (needs network)")
-    hub.add_argument(
-        "--hub-id", default=DEFAULT_HUB_ID, help="dataset id on the Hugging Face hub (default: %(default)s)"
-    )
-    hub.add_argument(
-        "--hub-config", default=DEFAULT_HUB_CONFIG, help="dataset config, 'main' or 'socratic' (default: %(default)s)"
-    )
-    hub.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
-    hub.add_argument("--cache-dir", default=None, help="datasets cache folder")
+    common.add_hub_args(parser, DEFAULT_HUB_ID, DEFAULT_HUB_CONFIG,
+                        "dataset config, 'main' or 'socratic' (default: %(default)s)")
     common.add_common_args(parser, SPLITS, multimodal=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-
-    def hub_sources(splits):
-        config = args.hub_config or None
-        return {s: common.hub_split_source(s, args.hub_id, [config], s, args.revision, args.cache_dir) for s in splits}
-
-    return common.main_wrapper(SPEC, args, hub_sources)
+    return common.main_wrapper(SPEC, args, common.hub_sources(args))
 
 
 if __name__ == "__main__":
