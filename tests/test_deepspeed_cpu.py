@@ -160,7 +160,7 @@ def fit_recording_loss(actor):
 
     def record(module, inputs, kwargs, output):
         detached = tuple(x.detach().clone() if isinstance(x, torch.Tensor) else x for x in inputs)
-        calls.append((detached, kwargs, module._segment_ends.clone(), output[0].detach()))
+        calls.append((detached, kwargs, kwargs["segment_ends"].clone(), output[0].detach()))  # handed by the trainer
 
     handle = actor.trainer.actor_loss_fn.register_forward_hook(record, with_kwargs=True)
     try:
