@@ -14,8 +14,8 @@ from openrlhf_sapo.algo import (
     sapo_policy_loss,
     sapo_value_loss,
     segment_gae,
-    segment_log_ratio,
 )
+from openrlhf_sapo.algo.losses import segment_log_ratio  # LOG_RATIOS["segment"]
 from openrlhf_sapo.upstream import upstream
 
 PolicyLoss = upstream("openrlhf.models.loss", "PolicyLoss")

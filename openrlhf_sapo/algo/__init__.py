@@ -20,10 +20,7 @@ from .losses import (
     naive_is_policy_loss,
     sapo_policy_loss,
     sapo_value_loss,
-    segment_log_ratio,
     segment_mean,
-    sequence_log_ratio,
-    token_log_ratio,
 )
 from .segmenters import (
     DEFAULT_STEP_PATTERN,
@@ -65,13 +62,10 @@ __all__ = [
     "segment_ends",
     "segment_gae",
     "segment_ids",
-    "segment_log_ratio",
     "segment_mean",
     "segment_starts",
     "segment_statistics",
     "explained_variance",
-    "sequence_log_ratio",
     "step_segment_ends",
-    "token_log_ratio",
     "token_text_table",
 ]

@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from ..algo import segment_log_ratio
+from ..algo import segment_mean
 from ..algo.losses import LOG_RATIO_CLAMP
 from ..config import RATIOS
 from .. import OPENRLHF_VERSION
@@ -71,6 +71,6 @@ class SegmentPolicyLoss(PolicyLoss):
                 )
             mask = action_mask.bool()
             log_ratio = (log_probs - old_log_probs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-            segment = segment_log_ratio(log_ratio.float(), mask, segment_ends.to(mask.device) & mask)
+            segment = segment_mean(log_ratio.float(), mask, segment_ends.to(mask.device) & mask)
             log_probs = old_log_probs + segment.to(log_probs.dtype)
         return super().forward(log_probs, old_log_probs, advantages, action_mask, *args, **kwargs)
