@@ -203,6 +203,8 @@ def _band(ax, arm_seeds, key, label, scale=1.0):
     steps, values = stacked_curve(arm_seeds, key)
     if not len(steps):
         return False
+    if key == "critic/explained_variance":  # -1e14 when the returns barely vary (all-wrong batches): clip
+        values = np.clip(values, -1.0, 1.0)
     mean = scale * values.mean(0)
     ax.plot(steps, mean, label=f"{label} ({values.shape[0]} seeds)")
     if values.shape[0] > 1:
@@ -301,7 +303,7 @@ def headline_section(task, arm_runs, labels, plot_dir, median_run_s, n_arms) -> 
                      f"{d:+.1f} (no published number on this benchmark).")
     lines.append("")
     for name, arms, panels, title in (
-        ("fig6", ["sapo", "vcppo"], [("critic_loss", "value loss"), ("critic/explained_variance", "explained variance")],
+        ("fig6", ["sapo", "vcppo"], [("critic_loss", "value loss"), ("critic/explained_variance", "explained variance (clipped to [-1, 1])")],
          "Fig. 6: critic, SAPO vs VC-PPO"),
         ("fig7", ["sapo", "ppo"], [("policy_entropy", "policy entropy (nats/token)"),
                                    ("rollout/response_length_mean", "response length (tokens)")],
@@ -339,14 +341,15 @@ def lift_section(task, arm_runs, labels, plot_dir) -> List[str]:
                 cells = [f"{m:.2f} [{lo:.2f}, {hi:.2f}]" if math.isfinite(lo) else f"{m:.2f}"
                          for m, lo, hi in by_stage[stage].values()]
                 lines.append(f"| {stage} | " + " | ".join(cells) + " |")
-        late = by_stage.get("late") or by_stage[max(by_stage, key=STAGES.index)]
+        last_stage = max(by_stage, key=STAGES.index)  # "late" unless the run is too short for three stages
+        late = by_stage[last_stage]
         top_q, top = max(late.items())
         rho, (slope, slo, shi) = lift_trend(arm_runs[arm])
         above = math.isfinite(top[1]) and top[1] > 1
         grows = late[min(late)][0] < top[0]
-        lines += ["", f"- {labels.get(arm, arm)}: Lift > 1 at q={top_q:g} in the late stage: "
+        lines += ["", f"- {labels.get(arm, arm)}: Lift > 1 at q={top_q:g} in the {last_stage} stage: "
                   + ("holds (the interval is above 1)" if above else "cannot tell or does not hold (the interval "
-                     "reaches 1 or below)") + f"; Lift grows with q: {'yes' if grows else 'no'} (late stage); "
+                     "reaches 1 or below)") + f"; Lift grows with q: {'yes' if grows else 'no'} ({last_stage} stage); "
                   f"the mean Lift over training: Spearman rho {rho:.2f}, slope {slope:+.4f}/step "
                   + (f"[{slo:+.4f}, {shi:+.4f}]" if math.isfinite(slo) else "") + " (paper: rho 0.15, slope CI above 0).", ""]
     return lines
