@@ -1,12 +1,13 @@
 # What a newcomer runs: `make demo`, `make test` and `make bench` (each sets itself up).
 DEMO_ARGS ?=
+STUDY_ARGS ?=
 E2E_ARGS ?=
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 TESTS ?= tests
 
-.PHONY: install test bench demo e2e e2e-slurm e2e-multinode docker-test lock clean
+.PHONY: install test bench demo study e2e e2e-slurm e2e-multinode docker-test lock clean
 
 install:
 	@tools/install_cpu.sh
@@ -20,6 +21,11 @@ bench: install
 # PPO, GRPO and SAPO on the digits VLM task, 3 seeds; writes runs/demo/report.md. DEMO_ARGS=--quick for a smoke run.
 demo: install
 	$(PY) -m openrlhf_sapo.demo $(DEMO_ARGS)
+
+# The paper's analyses at small scale: every arm of openrlhf_sapo/demo/study.py on both demo tasks with paired
+# seeds; resumable; writes runs/study/report.md. STUDY_ARGS=--quick for a smoke run (CI), --only/--seeds/--task.
+study: install
+	$(PY) -m openrlhf_sapo.demo.study $(STUDY_ARGS)
 
 # The shipped scripts on a 2-node CPU Ray cluster (two network namespaces; needs root), report in
 # runs/e2e/report.md; see tests/cluster/e2e.py.

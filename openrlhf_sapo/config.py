@@ -12,6 +12,10 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 
 SAPO_ESTIMATOR = "sapo"  # the --algo.advantage.estimator choice SAPO adds
+# The --actor.policy_loss_type choice of Qwen's Soft Adaptive Policy Optimization (arXiv 2511.20347), a
+# baseline that verl and TRL call "sapo"; its temperatures default to the paper's (tau_pos, tau_neg).
+SOFT_ADAPTIVE = "soft_adaptive"
+SOFT_ADAPTIVE_TAUS = (1.0, 1.05)
 VALUE_AT = ("end", "start")  # where a segment's value is read: the release's end, the paper's start (s_m)
 RATIOS = ("segment", "token")  # the actor's importance ratio: SAPO's, or the naive-IS ablation's
 

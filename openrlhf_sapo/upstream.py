@@ -56,6 +56,8 @@ def prepare() -> None:
 UPSTREAM_SYMBOLS = (
     ("openrlhf.models.loss", "PolicyLoss", "subclassed: SegmentPolicyLoss (segment ratio); bench baseline"),
     ("openrlhf.models.loss", "ValueLoss", "bench baseline; the critic keeps it, on a boundary mask"),
+    ("openrlhf.models.loss", "aggregate_loss", "the soft adaptive baseline aggregates its loss as upstream's"),
+    ("openrlhf.models.utils", "masked_mean", "the soft adaptive baseline's logged statistics"),
     ("openrlhf.trainer.ppo_utils.experience", "Experience", "subclassed: SegmentExperience; rebound"),
     ("openrlhf.trainer.ppo_utils.experience", "tensor_field", "declares SegmentExperience's fields"),
     ("openrlhf.trainer.ppo_utils.experience_maker", "RemoteExperienceMaker", "subclassed: SegmentExperienceMaker"),

@@ -37,7 +37,7 @@ from .segmenters import (
     token_text_table,
 )
 from .segments import last_valid_token, segment_ids, segment_starts
-from .stats import explained_variance, segment_statistics
+from .stats import LIFT_QUANTILES, explained_variance, segment_statistics, value_jump_lift, value_jumps
 
 __all__ = [
     "DEFAULT_STEP_PATTERN",
@@ -66,6 +66,9 @@ __all__ = [
     "segment_starts",
     "segment_statistics",
     "explained_variance",
+    "LIFT_QUANTILES",
+    "value_jump_lift",
+    "value_jumps",
     "step_segment_ends",
     "token_text_table",
 ]

@@ -57,3 +57,33 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     if target_var <= 0:
         return values.new_zeros((), dtype=torch.float32)
     return (1 - (target - values[mask]).var() / target_var).float()
+
+
+# Fig. 3's entropy quantiles: Lift(q) over the tokens whose entropy is at or above the q-quantile.
+LIFT_QUANTILES = (0.5, 0.7, 0.8, 0.9, 0.95)
+
+
+def value_jumps(values: torch.Tensor, entropy: torch.Tensor, action_mask: torch.Tensor):
+    """(|V_{t+1} - V_t|, H_t) for every response token t whose successor is a response token too,
+    as two flat float64 vectors (pool them over a batch for `value_jump_lift`)."""
+    mask = check_mask(action_mask)
+    values = check_float(values, "values", mask).double()
+    entropy = check_float(entropy, "entropy", mask).double()
+    pairs = mask[:, :-1] & mask[:, 1:]
+    return (values[:, 1:] - values[:, :-1]).abs()[pairs], entropy[:, :-1][pairs]
+
+
+def value_jump_lift(jumps: torch.Tensor, entropies: torch.Tensor,
+                    quantiles=LIFT_QUANTILES) -> Dict[float, torch.Tensor]:
+    """Lift(q) = E[|V_{t+1} - V_t| | H_t >= the q-quantile of H] / E[|V_{t+1} - V_t|] (paper Fig. 3,
+    Appendix C): above 1 when high-entropy tokens sit at value jumps. 0-dim float32 tensors; 0 when
+    there is no pair or the values never change (undefined, not NaN)."""
+    out = {}
+    base = jumps.mean() if jumps.numel() else jumps.new_zeros(())
+    for q in quantiles:
+        if not jumps.numel() or base <= 0:
+            out[q] = torch.zeros((), dtype=torch.float32)
+            continue
+        selected = entropies >= torch.quantile(entropies, q)
+        out[q] = (jumps[selected].mean() / base).float()
+    return out

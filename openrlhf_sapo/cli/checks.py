@@ -7,7 +7,7 @@ import argparse
 from types import SimpleNamespace
 from typing import Optional, Sequence
 
-from openrlhf_sapo.config import SAPO_ESTIMATOR, SAPO_RECIPE, SAPO_RECIPE_OVERRIDDEN_BY, segmenter_flags
+from openrlhf_sapo.config import SOFT_ADAPTIVE, SAPO_ESTIMATOR, SAPO_RECIPE, SAPO_RECIPE_OVERRIDDEN_BY, segmenter_flags
 
 # The estimator whose upstream validation (critic defaulting, checks) SAPO runs under.
 SAPO_VALIDATES_AS = "gae"
@@ -27,6 +27,18 @@ def check_before_upstream(args: SimpleNamespace) -> None:
     adv, sapo = args.algo.advantage, args.algo.sapo
     estimator = adv.estimator
 
+    if args.actor.policy_loss_type == SOFT_ADAPTIVE:
+        taus = (args.actor.soft_adaptive_tau_pos, args.actor.soft_adaptive_tau_neg)
+        if not all(t > 0 for t in taus):
+            raise ConfigError(f"--actor.soft_adaptive_tau_pos / _neg must be > 0, got {taus[0]} / {taus[1]} (the paper "
+                              "uses 1.0 / 1.05)")
+        if args.algo.advantage.is_correction_level != "off":
+            raise ConfigError("--actor.policy_loss_type soft_adaptive does not implement vLLM IS correction; drop "
+                              "--algo.advantage.is_correction_level (or use --actor.policy_loss_type ppo)")
+    if estimator == SAPO_ESTIMATOR and args.actor.policy_loss_type == SOFT_ADAPTIVE:
+        raise ConfigError("--actor.policy_loss_type soft_adaptive is Qwen's Soft Adaptive Policy Optimization, a "
+                          "different algorithm from this project's SAPO (Segment-Aligned, --algo.advantage.estimator "
+                          "sapo), and cannot be combined with it: run one or the other")
     if estimator == SAPO_ESTIMATOR and args.actor.policy_loss_type == "gspo":
         raise ConfigError("--actor.policy_loss_type gspo cannot be combined with --algo.advantage.estimator sapo: "
                           "SAPO has its own segment-level ratio; drop --actor.policy_loss_type (or use ppo) and choose "

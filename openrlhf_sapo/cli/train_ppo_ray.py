@@ -44,9 +44,23 @@ from openrlhf_sapo.cli.upstream_main import (  # noqa: F401
     upstream_hierarchize,
     upstream_main,
 )
-from openrlhf_sapo.config import RATIOS, SAPO_DEFAULTS, SAPO_ESTIMATOR, SEGMENTERS, VALUE_AT, segmenter_flags
+from openrlhf_sapo.config import (
+    RATIOS,
+    SAPO_DEFAULTS,
+    SAPO_ESTIMATOR,
+    SEGMENTERS,
+    SOFT_ADAPTIVE,
+    SOFT_ADAPTIVE_TAUS,
+    VALUE_AT,
+    segmenter_flags,
+)
 
 ESTIMATOR_DEST = "algo.advantage.estimator"
+POLICY_LOSS_DEST = "actor.policy_loss_type"
+POLICY_LOSS_HELP_SUFFIX = (
+    "soft_adaptive: Qwen's Soft Adaptive Policy Optimization (arXiv 2511.20347; verl and TRL call it sapo), a "
+    "baseline; this project's SAPO is --algo.advantage.estimator sapo"
+)
 # Estimators allowed a critic on a VLM. OpenRLHF refuses a critic for VLMs ("VLM training does not
 # support critic model") because its critic is text-only; this CLI always installs openrlhf_sapo's
 # VLM critic (models/vlm_critic.py), so the refusal is lifted for the critic-based estimators (packing,
@@ -94,6 +108,12 @@ ADDED_FLAGS = (
           "ratio with segment advantages: the paper's naive-IS ablation).")),
     _Flag("--algo.sapo.adv_clip", dict(type=float, default=SAPO_DEFAULTS["adv_clip"],
           help="Clamp whitened segment advantages to [-c, c] (the release uses 5); 0 disables the clamp.")),
+    _Flag("--actor.soft_adaptive_tau_pos", dict(type=float, default=SOFT_ADAPTIVE_TAUS[0],
+          help="--actor.policy_loss_type soft_adaptive (Qwen's Soft Adaptive Policy Optimization, a baseline; not "
+          "this project's SAPO): gate temperature for positive advantages (the paper: 1.0).")),
+    _Flag("--actor.soft_adaptive_tau_neg", dict(type=float, default=SOFT_ADAPTIVE_TAUS[1],
+          help="--actor.policy_loss_type soft_adaptive: gate temperature for negative advantages (the paper: 1.05; "
+          "larger damps off-policy negative updates faster).")),
     _Flag("--algo.advantage.critic_lambd", dict(type=float, default=None,
           help="VC-PPO decoupled lambda for gae and sapo: the critic's returns use this lambda, the actor's "
           "advantages --algo.advantage.lambd. Default: the same as --algo.advantage.lambd.")),
@@ -141,6 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
                                     f"expects a list without '{SAPO_ESTIMATOR}' to extend")
     estimator.choices = [*estimator.choices, SAPO_ESTIMATOR]
     estimator.help = (estimator.help or "") + ESTIMATOR_HELP_SUFFIX
+    loss_type = _action(parser, POLICY_LOSS_DEST)
+    if not loss_type.choices or SOFT_ADAPTIVE in loss_type.choices:
+        raise upstream.UpstreamMismatch(f"OpenRLHF's --{POLICY_LOSS_DEST} choices are {loss_type.choices}; "
+                                        f"openrlhf_sapo expects a list without '{SOFT_ADAPTIVE}' to extend")
+    loss_type.choices = [*loss_type.choices, SOFT_ADAPTIVE]
+    loss_type.help = (loss_type.help or "") + POLICY_LOSS_HELP_SUFFIX
     parser.prog = "python -m openrlhf_sapo.cli.train_ppo_ray"
     parser.description = (
         "OpenRLHF's PPO launcher (python -m openrlhf.cli.train_ppo_ray, every flag unchanged) with SAPO: "

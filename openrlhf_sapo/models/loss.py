@@ -14,6 +14,9 @@ the token mean of the log-ratios, so upstream's `ppo_kl` metric is unchanged. vL
 The segment ends of the micro-batch are an argument, `segment_ends`; upstream's call site has a
 fixed argument list, so the actor trainer adds it there for its training step
 (models/utils.py `call_inputs`).
+
+`SoftAdaptivePolicyLoss` is a baseline of another algorithm that shares the acronym: Qwen's Soft
+Adaptive Policy Optimization (`--actor.policy_loss_type soft_adaptive`, algo/soft_adaptive.py).
 """
 
 from __future__ import annotations
@@ -25,12 +28,31 @@ import torch
 
 from ..algo import segment_mean
 from ..algo.losses import LOG_RATIO_CLAMP
-from ..config import RATIOS
+from ..algo.soft_adaptive import TAU_NEG, TAU_POS, soft_gate, soft_gate_weight
+from ..config import RATIOS, SOFT_ADAPTIVE
 from .. import OPENRLHF_VERSION
 from ..upstream import UpstreamMismatch, upstream
 
 PolicyLoss = upstream("openrlhf.models.loss", "PolicyLoss")
+aggregate_loss = upstream("openrlhf.models.loss", "aggregate_loss")
+masked_mean = upstream("openrlhf.models.utils", "masked_mean")
 
+
+
+def upstream_settings(loss: PolicyLoss, who: str) -> dict:
+    """Every setting of an upstream PolicyLoss: each argument of upstream's constructor read back from the
+    attribute of the same name, so an option upstream adds is carried over (or refused here, naming it)
+    rather than silently reset to its default."""
+    settings = {}
+    for name in inspect.signature(PolicyLoss.__init__).parameters:
+        if name == "self":
+            continue
+        if not hasattr(loss, name):
+            raise UpstreamMismatch(
+                f"OpenRLHF's PolicyLoss takes `{name}` but does not keep it as an attribute, so {who} cannot copy it; "
+                f"openrlhf_sapo expects openrlhf=={OPENRLHF_VERSION} (models/loss.py upstream_settings)")
+        settings[name] = getattr(loss, name)
+    return settings
 
 
 class SegmentPolicyLoss(PolicyLoss):
@@ -47,19 +69,8 @@ class SegmentPolicyLoss(PolicyLoss):
 
     @classmethod
     def like(cls, loss: PolicyLoss, ratio: str = "segment") -> "SegmentPolicyLoss":
-        """A SegmentPolicyLoss with every setting of an upstream PolicyLoss: each argument of upstream's
-        constructor is read back from the attribute of the same name, so an option upstream adds is
-        carried over (or refused here, naming it) rather than silently reset to its default."""
-        settings = {}
-        for name in inspect.signature(PolicyLoss.__init__).parameters:
-            if name == "self":
-                continue
-            if not hasattr(loss, name):
-                raise UpstreamMismatch(
-                    f"OpenRLHF's PolicyLoss takes `{name}` but does not keep it as an attribute, so SAPO's loss cannot "
-                    f"copy it; openrlhf_sapo expects openrlhf=={OPENRLHF_VERSION} (models/loss.py SegmentPolicyLoss.like)")
-            settings[name] = getattr(loss, name)
-        return cls(**settings, ratio=ratio)
+        """A SegmentPolicyLoss with every setting of an upstream PolicyLoss (upstream_settings)."""
+        return cls(**upstream_settings(loss, "SAPO's loss"), ratio=ratio)
 
     def forward(self, log_probs, old_log_probs, advantages, action_mask=None, *args,
                 segment_ends: Optional[torch.Tensor] = None, **kwargs):
@@ -74,3 +85,39 @@ class SegmentPolicyLoss(PolicyLoss):
             segment = segment_mean(log_ratio.float(), mask, segment_ends.to(mask.device) & mask)
             log_probs = old_log_probs + segment.to(log_probs.dtype)
         return super().forward(log_probs, old_log_probs, advantages, action_mask, *args, **kwargs)
+
+
+class SoftAdaptivePolicyLoss(PolicyLoss):
+    """Qwen's Soft Adaptive Policy Optimization (arXiv 2511.20347; verl and TRL call it "SAPO"), a baseline:
+    upstream's token ratio and aggregation (token or sequence level, global token normalisation across
+    data-parallel ranks), with the soft gate of algo/soft_adaptive.py in place of the clip. The clip and
+    dual-clip settings are unused; `ppo_clip_ratio` logs the fraction of tokens whose gate keeps less than
+    half of PPO's on-policy gradient."""
+
+    def __init__(self, *args, tau_pos: float = TAU_POS, tau_neg: float = TAU_NEG, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.policy_loss_type != SOFT_ADAPTIVE:
+            raise ValueError(f"SoftAdaptivePolicyLoss is --actor.policy_loss_type {SOFT_ADAPTIVE}, "
+                             f"got {self.policy_loss_type!r}")
+        if self.is_correction_level != "off":
+            raise ValueError("--actor.policy_loss_type soft_adaptive does not implement vLLM IS correction; drop "
+                             "--algo.advantage.is_correction_level (or use ppo)")
+        if not (tau_pos > 0 and tau_neg > 0):
+            raise ValueError(f"Soft Adaptive PO's temperatures must be > 0, got tau_pos={tau_pos}, tau_neg={tau_neg}")
+        self.tau_pos, self.tau_neg = float(tau_pos), float(tau_neg)
+
+    @classmethod
+    def like(cls, loss: PolicyLoss, tau_pos: float = TAU_POS, tau_neg: float = TAU_NEG) -> "SoftAdaptivePolicyLoss":
+        return cls(**upstream_settings(loss, "the soft adaptive loss"), tau_pos=tau_pos, tau_neg=tau_neg)
+
+    def forward(self, log_probs, old_log_probs, advantages, action_mask=None, rollout_log_probs=None, dp_size=1,
+                batch_num_tokens=None, global_batch_size=None):
+        raw_log_ratio = log_probs - old_log_probs
+        ratio = raw_log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).exp()
+        loss = -soft_gate(ratio, advantages, self.tau_pos, self.tau_neg) * advantages
+        loss = aggregate_loss(loss, action_mask, token_level_loss=self.token_level_loss, dp_size=dp_size,
+                              batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size)
+        weight = soft_gate_weight(ratio.detach(), advantages, self.tau_pos, self.tau_neg)
+        damped = masked_mean((weight < 0.5).float(), action_mask, dim=None)
+        ppo_kl = masked_mean(-raw_log_ratio.detach(), action_mask, dim=None)
+        return loss, damped, ppo_kl, None, None

@@ -22,7 +22,16 @@ from typing import Dict, List, Optional
 
 import torch
 
-from ...algo import explained_variance, get_segmenter, masked_whiten, segment_ends, segment_gae, segment_statistics
+from ...algo import (
+    explained_variance,
+    get_segmenter,
+    masked_whiten,
+    segment_ends,
+    segment_gae,
+    segment_statistics,
+    value_jump_lift,
+    value_jumps,
+)
 from ...algo.segments import value_read_positions
 from ...algo.segmenters import newline_token_table, token_text_table
 from ...config import SAPO_DEFAULTS, SEGMENTERS, option_flag
@@ -103,6 +112,8 @@ class SegmentExperienceMaker(RemoteExperienceMaker):
                     experience.entropy = entropies[i]
             if self.is_sapo:
                 self.segment(experience)
+        if entropies is not None:
+            log_value_jump_lift(experiences, entropies)
         return experiences
 
     # ---------------------------------------------------------------- segmentation
@@ -246,6 +257,19 @@ def mask_vision_tokens_in_responses(samples, vision_ids: set, pad_id: int) -> in
         response[bad] = pad_id  # a view into sequences: edits the sample in place
         samples.action_mask = samples.action_mask & ~bad if samples.action_mask.dtype == torch.bool else samples.action_mask * ~bad
     return count
+
+
+def log_value_jump_lift(experiences, entropies) -> None:
+    """`critic/value_jump_lift_q<q>` (paper Fig. 3): how much larger the critic's value jumps are at the
+    tokens of top entropy than at all tokens, pooled over the step's batch, for every critic estimator
+    whose rollout entropy was computed (SAPO's entropy segmenter, --logger.policy_entropy)."""
+    if not experiences or any(e.values is None for e in experiences):
+        return
+    pairs = [value_jumps(e.values, h, e.action_mask.bool()) for e, h in zip(experiences, entropies)]
+    lifts = value_jump_lift(torch.cat([j for j, _ in pairs]), torch.cat([h for _, h in pairs]))
+    for e in experiences:
+        for q, lift in lifts.items():
+            e.info[f"critic/value_jump_lift_q{round(100 * q)}"] = lift.expand(e.action_mask.shape[0]).clone()
 
 
 def log_group_reward_std(experiences, n_samples_per_prompt: int) -> None:

@@ -16,7 +16,8 @@ from __future__ import annotations
 import math
 import torch
 
-from ...models.loss import SegmentPolicyLoss
+from ...algo.soft_adaptive import TAU_NEG, TAU_POS
+from ...models.loss import SOFT_ADAPTIVE, SegmentPolicyLoss, SoftAdaptivePolicyLoss
 from ...models.utils import call_inputs
 from ...upstream import replaces, sapo_remote_class, upstream
 from ..ppo_utils.experience_maker import sapo_options
@@ -26,13 +27,23 @@ merge_mm_train_inputs = upstream("openrlhf.utils.vlm_utils", "merge_mm_train_inp
 PolicyModelActor = upstream("openrlhf.trainer.ray.ppo_actor", "PolicyModelActor")
 
 
+def actor_loss_for(args, upstream_loss):
+    """The actor's loss: SAPO's segment-ratio loss for the sapo estimator, the Soft Adaptive PO baseline for
+    --actor.policy_loss_type soft_adaptive, else upstream's own (each with every setting of upstream's)."""
+    if args.algo.advantage.estimator == "sapo":
+        return SegmentPolicyLoss.like(upstream_loss, ratio=sapo_options(args)["ratio"])
+    if args.actor.policy_loss_type == SOFT_ADAPTIVE:
+        return SoftAdaptivePolicyLoss.like(upstream_loss, tau_pos=getattr(args.actor, "soft_adaptive_tau_pos", TAU_POS),
+                                           tau_neg=getattr(args.actor, "soft_adaptive_tau_neg", TAU_NEG))
+    return upstream_loss
+
+
 @replaces("openrlhf.trainer.ray.ppo_actor", "ActorPPOTrainer")
 class SegmentActorPPOTrainer(ActorPPOTrainer):
     def __init__(self, strategy, *args, **kwargs):
         super().__init__(strategy, *args, **kwargs)
         self.is_sapo = strategy.args.algo.advantage.estimator == "sapo"
-        if self.is_sapo:
-            self.actor_loss_fn = SegmentPolicyLoss.like(self.actor_loss_fn, ratio=sapo_options(strategy.args)["ratio"])
+        self.actor_loss_fn = actor_loss_for(strategy.args, self.actor_loss_fn)
 
     def broadcast_to_vllm(self):
         super().broadcast_to_vllm()

@@ -1,0 +1,151 @@
+"""`python -m openrlhf_sapo.demo.study` (`make study`): the paper's analyses at small scale, on the demo's tasks.
+
+Every arm of the study is one of the demo's methods (PPO, GRPO, SAPO) with extra flags: VC-PPO, Qwen's Soft
+Adaptive PO (a baseline), SAPO's top-k sweep (Fig. 5), naive-IS (Table 2), other segmenters (Table 3) and
+the value read at segment starts. For each task, every arm trains from the same warm start with the same
+seeds (paired: seed s gives every arm the same prompt order and sampling seed), with the demo's budget per
+run. Runs go to `<out>/<task>/runs/<arm>_seed<s>`; a run that finished with the same command is not run
+again, so an interrupted study resumes where it stopped. `<out>/study.json` lists the runs; the report
+(demo/study_report.py) is `<out>/report.md` with one plot per figure and one table per table.
+
+    python -m openrlhf_sapo.demo.study --quick                    # every arm, 2 steps, 1 seed (a smoke test)
+    python -m openrlhf_sapo.demo.study --task digits --seeds 1 2 3 4 5 --only headline topk
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Dict, List, Optional, Tuple
+
+from openrlhf_sapo.demo.run import PRESETS, _write_json, method_flags, prepare, run_one, train_command
+from openrlhf_sapo.demo.tasks import TASKS
+
+
+@dataclass(frozen=True)
+class Arm:
+    method: str  # the demo method it starts from (its recipe)
+    flags: Tuple[str, ...] = ()  # appended: argparse keeps the last value, so these override the recipe
+    label: str = ""
+
+
+# The demo's solutions put each step on its own line and have no "Step N" markers: the step segmenter
+# cuts before each "=" instead (where a computation states its result).
+STEP_PATTERN = "="
+
+ARMS: Dict[str, Arm] = {
+    "ppo": Arm("ppo", label="PPO"),
+    "vcppo": Arm("ppo", ("--algo.advantage.critic_lambd", "1.0"), "VC-PPO (critic lambda 1.0)"),
+    "grpo": Arm("grpo", label="GRPO"),
+    "soft_adaptive": Arm("grpo", ("--actor.policy_loss_type", "soft_adaptive"), "Soft Adaptive PO (Qwen)"),
+    "sapo": Arm("sapo", label="SAPO (entropy, top 30%)"),
+    **{f"sapo_top{k}": Arm("sapo", ("--algo.sapo.topk_percent", str(k)), f"SAPO top {k}%") for k in (10, 20, 40, 50)},
+    "sapo_naive_is": Arm("sapo", ("--algo.sapo.ratio", "token"), "SAPO, token ratio (naive IS)"),
+    "sapo_newline": Arm("sapo", ("--algo.sapo.segmenter", "newline"), "SAPO, newline segments"),
+    "sapo_step": Arm("sapo", ("--algo.sapo.segmenter", "step", "--algo.sapo.step_pattern", STEP_PATTERN),
+                     "SAPO, step segments"),
+    "sapo_lowprob": Arm("sapo", ("--algo.sapo.segmenter", "lowprob"), "SAPO, low-probability segments"),
+    "sapo_fixed": Arm("sapo", ("--algo.sapo.segmenter", "fixed", "--algo.sapo.fixed_length", "8"),
+                      "SAPO, fixed 8-token segments (control)"),
+    "sapo_value_start": Arm("sapo", ("--algo.sapo.value_at", "start"), "SAPO, value at segment start"),
+}
+
+# The paper's figure or table each group reproduces, and its arms (the first is the reference).
+GROUPS: Dict[str, Tuple[str, ...]] = {
+    "headline": ("sapo", "ppo", "grpo", "vcppo", "soft_adaptive"),  # Table 1 / section 7, Fig. 3, 6, 7
+    "topk": ("sapo", "sapo_top10", "sapo_top20", "sapo_top40", "sapo_top50"),  # Fig. 5
+    "ratio": ("sapo", "sapo_naive_is"),  # Table 2
+    "segmenter": ("sapo", "sapo_newline", "sapo_step", "sapo_lowprob", "sapo_fixed"),  # Table 3
+    "value_at": ("sapo", "sapo_value_start"),  # s_m read at the start (paper) vs end (release)
+}
+
+DEFAULT_SEEDS = (1, 2, 3, 4, 5)
+
+
+def arm_command(arm_name: str, seed: int, preset, prepared: dict, run_dir: str) -> List[str]:
+    arm = ARMS[arm_name]
+    cmd = train_command(arm.method, seed, preset, prepared["model"], prepared["data_dir"], run_dir, prepared["is_vlm"])
+    return cmd + list(arm.flags)
+
+
+def selected_arms(only: Optional[List[str]]) -> List[str]:
+    """Arms of the named groups or arms (every arm without --only), in ARMS order."""
+    if not only:
+        return list(ARMS)
+    wanted = set()
+    for name in only:
+        if name in GROUPS:
+            wanted.update(GROUPS[name])
+        elif name in ARMS:
+            wanted.add(name)
+        else:
+            raise SystemExit(f"--only {name}: not a group ({', '.join(GROUPS)}) or an arm ({', '.join(ARMS)})")
+    return [a for a in ARMS if a in wanted]
+
+
+def main(argv: Optional[List[str]] = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m openrlhf_sapo.demo.study", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=None, help="output folder (default runs/study, runs/study-quick with --quick)")
+    parser.add_argument("--task", nargs="+", default=["digits", "arithmetic"], choices=sorted(TASKS),
+                        help="the demo tasks to run (default both: digits is the VLM task, arithmetic the text one)")
+    parser.add_argument("--quick", action="store_true", help="the demo's quick preset, one seed: a smoke test")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help=f"paired seeds (default {' '.join(map(str, DEFAULT_SEEDS))}; --quick: 1)")
+    parser.add_argument("--steps", type=int, default=None, help="RL steps per run (default: the preset's)")
+    parser.add_argument("--only", nargs="+", default=None, metavar="GROUP_OR_ARM",
+                        help=f"groups ({', '.join(GROUPS)}) or arms ({', '.join(ARMS)}); default: all")
+    parser.add_argument("--no-report", action="store_true", help="train only")
+    args = parser.parse_args(argv)
+
+    from openrlhf_sapo.demo.numerics import pin_cpu_numerics
+
+    numerics = pin_cpu_numerics()
+    from tqdm.auto import tqdm
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    preset_name = "quick" if args.quick else "full"
+    preset = replace(PRESETS[preset_name], seeds=tuple(args.seeds or ((1,) if args.quick else DEFAULT_SEEDS)))
+    if args.steps:
+        preset = replace(preset, steps=args.steps)
+    arms = selected_arms(args.only)
+    out = os.path.abspath(args.out or ("runs/study-quick" if args.quick else "runs/study"))
+    os.makedirs(out, exist_ok=True)
+    summary_path = os.path.join(out, "study.json")
+    t0 = time.time()
+    summary = {"preset": preset_name, "config": asdict(preset), "tasks": list(args.task), "arms": arms,
+               "arm_flags": {a: [*method_flags(ARMS[a].method, "<model>", preset), *ARMS[a].flags] for a in arms},
+               "labels": {a: ARMS[a].label for a in arms}, "groups": {g: list(m) for g, m in GROUPS.items()},
+               "numerics": numerics, "command": " ".join(["python -m openrlhf_sapo.demo.study", *(argv or [])]),
+               "runs": {}, "finished": False}
+
+    runs = [(task, seed, arm) for task in args.task for seed in preset.seeds for arm in arms]
+    bar_file = os.fdopen(os.dup(2), "w", buffering=1)
+    bar = tqdm(total=len(runs) * preset.steps, desc="RL steps (whole study)", unit="step", file=bar_file)
+    prepared: Dict[str, dict] = {}
+    for task, seed, arm in runs:
+        if task not in prepared:  # the warm start of each task, cached under <out>/<task>/warm_start
+            bar.set_postfix(run=f"{task}: warm start")
+            prepared[task] = prepare(task, preset, os.path.join(out, task), progress=False)
+        run_dir = os.path.join(out, task, "runs", f"{arm}_seed{seed}")
+        bar.set_postfix(run=f"{task} {arm} seed {seed}")
+        status = run_one(arm_command(arm, seed, preset, prepared[task], run_dir), run_dir, bar, preset.steps)
+        status.pop("skipped", None)
+        summary["runs"][f"{task}/{arm}_seed{seed}"] = dict(status, task=task, arm=arm, seed=seed, run_dir=run_dir)
+        summary["seconds"] = round(time.time() - t0, 1)
+        _write_json(summary_path, summary)
+    bar.close()
+    bar_file.close()
+    summary.update(finished=True, seconds=round(time.time() - t0, 1),
+                   run_seconds=round(sum(r["seconds"] for r in summary["runs"].values()), 1))
+    _write_json(summary_path, summary)
+    if not args.no_report:
+        from openrlhf_sapo.demo.study_report import write_report
+
+        print(f"report: {write_report(out)}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

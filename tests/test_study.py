@@ -1,0 +1,104 @@
+"""`make study` (openrlhf_sapo.demo.study): every arm is the demo's recipe plus its own flags, parsed as the
+trainer parses them; the report's statistics (intervals, paired differences, verdicts, Lift per stage)."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from openrlhf_sapo.demo import study, study_report
+from openrlhf_sapo.demo.run import PRESETS
+
+
+@pytest.fixture(scope="module")
+def parsed(tmp_path_factory):
+    """Every arm's training command, parsed by the single-process trainer's own parser (no preflight)."""
+    from openrlhf_sapo.cli import train_local
+
+    tmp = tmp_path_factory.mktemp("study")
+    (tmp / "data").mkdir()
+    prepared = {"model": str(tmp / "model"), "data_dir": str(tmp / "data"), "is_vlm": False}
+    out = {}
+    for arm in study.ARMS:
+        cmd = study.arm_command(arm, 3, PRESETS["quick"], prepared, str(tmp / arm))
+        parser = train_local.build_parser()
+        out[arm] = parser.parse_args(cmd[3:])
+    return out
+
+
+def test_each_arm_is_its_recipe_with_its_own_flags(parsed):
+    get = lambda arm, dest: getattr(parsed[arm], dest)  # noqa: E731  (flat argparse dests keep their dots)
+    assert get("sapo", "algo.advantage.estimator") == "sapo" and get("sapo", "algo.sapo.topk_percent") == 30.0
+    assert [get(f"sapo_top{k}", "algo.sapo.topk_percent") for k in (10, 20, 40, 50)] == [10.0, 20.0, 40.0, 50.0]
+    assert get("sapo_naive_is", "algo.sapo.ratio") == "token"
+    assert {get(a, "algo.sapo.segmenter") for a in ("sapo_newline", "sapo_step", "sapo_lowprob", "sapo_fixed")} == {
+        "newline", "step", "lowprob", "fixed"}
+    assert get("sapo_value_start", "algo.sapo.value_at") == "start"
+    assert get("vcppo", "algo.advantage.estimator") == "gae" and get("vcppo", "algo.advantage.critic_lambd") == 1.0
+    assert get("ppo", "algo.advantage.critic_lambd") is None
+    assert get("soft_adaptive", "actor.policy_loss_type") == "soft_adaptive"
+    assert get("soft_adaptive", "algo.advantage.estimator") == get("grpo", "algo.advantage.estimator") == "group_norm"
+    # paired: the same seed and data for every arm
+    assert {get(a, "train.seed") for a in study.ARMS} == {3}
+    assert len({get(a, "data.prompt_dataset") for a in study.ARMS}) == 1
+
+
+def test_only_selects_groups_and_arms():
+    assert study.selected_arms(None) == list(study.ARMS)
+    assert study.selected_arms(["ratio"]) == ["sapo", "sapo_naive_is"]
+    assert study.selected_arms(["ppo", "value_at"]) == ["ppo", "sapo", "sapo_value_start"]
+    with pytest.raises(SystemExit, match="not a group"):
+        study.selected_arms(["nope"])
+
+
+def test_intervals_and_verdicts():
+    m, lo, hi = study_report.mean_ci([1.0, 2.0, 3.0])
+    assert m == 2.0 and hi - m == pytest.approx(4.303 * 1.0 / math.sqrt(3), rel=1e-3)
+    assert all(math.isnan(v) for v in study_report.mean_ci([5.0])[1:])
+    assert study_report.verdict(0.5, 2.0, 5, "c").startswith("holds")
+    assert study_report.verdict(-2.0, -0.1, 5, "c").startswith("does not hold")
+    assert study_report.verdict(-1.0, 1.0, 5, "c").startswith("cannot tell")
+    assert study_report.verdict(math.nan, math.nan, 1, "c").startswith("cannot tell")
+    n = study_report.seeds_needed(3.0)  # paired sd 3 points -> enough seeds for +-2
+    assert study_report.t_critical(n - 1) * 3.0 / math.sqrt(n) <= 2.0 < study_report.t_critical(n - 2) * 3.0 / math.sqrt(n - 1)
+
+
+def test_lift_by_stage_and_trend():
+    rows = [{"kind": "train", "step": s, "critic/value_jump_lift_q50": 1.0 + 0.01 * s,
+             "critic/value_jump_lift_q90": 1.5 + 0.02 * s} for s in range(1, 10)]
+    by_stage = study_report.lift_by_stage({1: rows, 2: rows})
+    assert set(by_stage) == {"early", "middle", "late"}
+    assert by_stage["late"][0.9][0] > by_stage["early"][0.9][0] > by_stage["early"][0.5][0]
+    rho, (slope, lo, hi) = study_report.lift_trend({1: rows})
+    assert rho == pytest.approx(1.0) and slope > 0 and lo > 0
+
+
+def test_report_from_synthetic_runs(tmp_path):
+    """The report writes every section from a study.json and its runs' metrics (no training)."""
+    runs = {}
+    rng = np.random.default_rng(0)
+    for arm in study.ARMS:
+        for seed in (1, 2, 3):
+            run_dir = tmp_path / "digits" / "runs" / f"{arm}_seed{seed}"
+            run_dir.mkdir(parents=True)
+            acc = 0.5 + (0.05 if arm == "sapo" else 0.0) + 0.01 * rng.standard_normal()
+            rows = [{"kind": "eval", "step": 0, "eval_digits_pass1": 0.4},
+                    *({"kind": "train", "step": s, "critic_loss": 1 / s, "critic/explained_variance": 0.1 * s,
+                       "policy_entropy": 1.0, "rollout/response_length_mean": 20.0,
+                       "critic/value_jump_lift_q50": 1.1, "critic/value_jump_lift_q90": 1.4} for s in range(1, 7)),
+                    {"kind": "eval", "step": 6, "eval_digits_pass1": acc}]
+            (run_dir / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+            runs[f"digits/{arm}_seed{seed}"] = {"task": "digits", "arm": arm, "seed": seed, "run_dir": str(run_dir),
+                                                "seconds": 30.0, "returncode": 0}
+    (tmp_path / "study.json").write_text(json.dumps({
+        "config": {"seeds": [1, 2, 3], "steps": 6, "samples_per_step": 16}, "tasks": ["digits"],
+        "arms": list(study.ARMS), "labels": {a: study.ARMS[a].label for a in study.ARMS}, "runs": runs,
+        "finished": True, "seconds": 1000}))
+    text = open(study_report.write_report(str(tmp_path))).read()
+    for needle in ("Table 1", "Fig. 3", "Fig. 5", "Fig. 6", "Fig. 7", "Table 2", "Table 3", "value read at its start",
+                   "52.75", "47.92", "41.6", "SAPO vs PPO: holds here"):
+        assert needle in text, needle
+    plots = os.listdir(tmp_path / "plots")
+    assert {"digits_fig3_lift_sapo.png", "digits_fig5_topk.png", "digits_fig6.png", "digits_fig7.png"} <= set(plots)
