@@ -231,6 +231,9 @@ def test_every_upstream_flag_is_present_and_unchanged():
         if dest == cli.ESTIMATOR_DEST:
             assert list(b.choices) == [*a.choices, "sapo"] and a.default == b.default == "gae"
             assert b.help.startswith(a.help) and "sapo" in b.help
+        elif dest == cli.POLICY_LOSS_DEST:  # the Soft Adaptive PO baseline, extended like the estimator
+            assert list(b.choices) == [*a.choices, "soft_adaptive"] and a.default == b.default == "ppo"
+            assert "Soft Adaptive Policy Optimization" in b.help
         else:
             assert b.choices == a.choices and b.help == a.help, dest
 
