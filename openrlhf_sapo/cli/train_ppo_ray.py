@@ -148,6 +148,16 @@ def _action(parser: argparse.ArgumentParser, dest: str) -> argparse.Action:
                                 f"openrlhf=={OPENRLHF_VERSION}")
 
 
+def _extend_choices(parser: argparse.ArgumentParser, dest: str, choice: str, help_suffix: str) -> None:
+    """Add `choice` to one of upstream's flags with choices (its help says what the choice is)."""
+    action = _action(parser, dest)
+    if not action.choices or choice in action.choices:
+        raise upstream.UpstreamMismatch(f"OpenRLHF's --{dest} choices are {action.choices}; openrlhf_sapo expects a "
+                                        f"list without '{choice}' to extend")
+    action.choices = [*action.choices, choice]
+    action.help = (action.help or "") + help_suffix
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Upstream's parser (built by its own code) with SAPO's additions."""
     parser = upstream_main().build_parser()
@@ -155,18 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     if clashes:
         raise upstream.UpstreamMismatch(f"OpenRLHF's parser now defines {clashes} itself; openrlhf_sapo adds these "
                                     "flags: remove them from ADDED_FLAGS in openrlhf_sapo/cli/train_ppo_ray.py")
-    estimator = _action(parser, ESTIMATOR_DEST)
-    if not estimator.choices or SAPO_ESTIMATOR in estimator.choices:
-        raise upstream.UpstreamMismatch(f"OpenRLHF's --{ESTIMATOR_DEST} choices are {estimator.choices}; openrlhf_sapo "
-                                    f"expects a list without '{SAPO_ESTIMATOR}' to extend")
-    estimator.choices = [*estimator.choices, SAPO_ESTIMATOR]
-    estimator.help = (estimator.help or "") + ESTIMATOR_HELP_SUFFIX
-    loss_type = _action(parser, POLICY_LOSS_DEST)
-    if not loss_type.choices or SOFT_ADAPTIVE in loss_type.choices:
-        raise upstream.UpstreamMismatch(f"OpenRLHF's --{POLICY_LOSS_DEST} choices are {loss_type.choices}; "
-                                        f"openrlhf_sapo expects a list without '{SOFT_ADAPTIVE}' to extend")
-    loss_type.choices = [*loss_type.choices, SOFT_ADAPTIVE]
-    loss_type.help = (loss_type.help or "") + POLICY_LOSS_HELP_SUFFIX
+    _extend_choices(parser, ESTIMATOR_DEST, SAPO_ESTIMATOR, ESTIMATOR_HELP_SUFFIX)
+    _extend_choices(parser, POLICY_LOSS_DEST, SOFT_ADAPTIVE, POLICY_LOSS_HELP_SUFFIX)
     parser.prog = "python -m openrlhf_sapo.cli.train_ppo_ray"
     parser.description = (
         "OpenRLHF's PPO launcher (python -m openrlhf.cli.train_ppo_ray, every flag unchanged) with SAPO: "
