@@ -65,7 +65,7 @@ fi
 
 # The environment must import what the project uses.
 "$VENV/bin/python" - <<'PY'
-from openrlhf_sapo.seam import check_openrlhf_version
+from openrlhf_sapo.upstream import check_openrlhf_version
 import torch, vllm, deepspeed, ray, transformers
 assert not torch.version.cuda, f"expected the CPU torch wheel, got CUDA {torch.version.cuda}"
 print(f"[install] openrlhf {check_openrlhf_version()}, torch {torch.__version__}, vllm {vllm.__version__}, "
