@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from typing import Dict, List, Optional, Tuple
@@ -117,7 +118,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     summary = {"preset": preset_name, "config": asdict(preset), "tasks": list(args.task), "arms": arms,
                "arm_flags": {a: [*method_flags(ARMS[a].method, "<model>", preset), *ARMS[a].flags] for a in arms},
                "labels": {a: ARMS[a].label for a in arms}, "groups": {g: list(m) for g, m in GROUPS.items()},
-               "numerics": numerics, "command": " ".join(["python -m openrlhf_sapo.demo.study", *(argv or [])]),
+               "numerics": numerics,
+               "command": " ".join(["python -m openrlhf_sapo.demo.study", *(sys.argv[1:] if argv is None else argv)]),
                "runs": {}, "finished": False}
 
     runs = [(task, seed, arm) for task in args.task for seed in preset.seeds for arm in arms]
