@@ -74,10 +74,10 @@ def verdict(low: float, high: float, n: int, claim: str) -> str:
     if not (math.isfinite(low) and math.isfinite(high)):
         return f"cannot tell at this scale: {n} seed(s) give no interval ({claim})"
     if low > 0:
-        return f"holds here: the 95% interval of the paired difference, [{low:+.1f}, {high:+.1f}], is above 0 ({claim})"
+        return f"holds here: the 95% interval of the paired difference, [{low:+.3g}, {high:+.3g}], is above 0 ({claim})"
     if high < 0:
-        return f"does not hold here: the interval [{low:+.1f}, {high:+.1f}] is below 0 ({claim})"
-    return (f"cannot tell at this scale: the interval [{low:+.1f}, {high:+.1f}] spans 0 with {n} seeds "
+        return f"does not hold here: the interval [{low:+.3g}, {high:+.3g}] is below 0 ({claim})"
+    return (f"cannot tell at this scale: the interval [{low:+.3g}, {high:+.3g}] spans 0 with {n} seeds "
             f"({claim})")
 
 
