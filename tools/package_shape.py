@@ -35,8 +35,8 @@ def imports_of(root: str, path: str, modules: Set[str]) -> Set[str]:
                 parts = package.split(".")
                 parent = ".".join(parts[: len(parts) - node.level + 1])
                 base = f"{parent}.{base}" if base else parent
-            # `from pkg import sub` is an edge to pkg.sub; `from pkg import name`, to pkg
-            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+            # `from pkg import sub` imports pkg (its __init__ runs) and pkg.sub
+            targets = [f"{base}.{a.name}" for a in node.names] + [base]
         else:
             continue
         for target in targets:

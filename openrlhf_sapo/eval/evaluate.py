@@ -138,9 +138,9 @@ def _as_generation(g):
 def run(args) -> dict:
     from tqdm import tqdm
 
-    from openrlhf_sapo.eval import benchmarks as bm
-    from openrlhf_sapo.eval import generate as gen
-    from openrlhf_sapo.eval import report
+    import openrlhf_sapo.eval.benchmarks as bm
+    import openrlhf_sapo.eval.generate as gen
+    import openrlhf_sapo.eval.report as report
 
     _check_args(args)
     benches = bm.load_benchmarks(args.benchmarks, limit=args.limit)
