@@ -26,8 +26,7 @@ from typing import Optional
 
 import torch
 
-from ..algo import segment_mean
-from ..algo.losses import LOG_RATIO_CLAMP
+from ..algo.losses import LOG_RATIO_CLAMP, LOG_RATIOS
 from ..algo.soft_adaptive import TAU_NEG, TAU_POS, soft_gate, soft_gate_weight
 from ..config import RATIOS, SOFT_ADAPTIVE
 from .. import OPENRLHF_VERSION
@@ -82,7 +81,8 @@ class SegmentPolicyLoss(PolicyLoss):
                 )
             mask = action_mask.bool()
             log_ratio = (log_probs - old_log_probs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-            segment = segment_mean(log_ratio.float(), mask, segment_ends.to(mask.device) & mask)
+            # the pure loss's own ratio (algo.losses), without its input checks: this runs every micro-batch
+            segment = LOG_RATIOS["segment"](log_ratio.float(), mask, segment_ends.to(mask.device) & mask)
             log_probs = old_log_probs + segment.to(log_probs.dtype)
         return super().forward(log_probs, old_log_probs, advantages, action_mask, *args, **kwargs)
 
