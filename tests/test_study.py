@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from openrlhf_sapo.demo import study, study_report
+from openrlhf_sapo.demo import study, study_diagnosis, study_report, study_stats
 from openrlhf_sapo.demo.run import PRESETS
 
 
@@ -54,15 +54,15 @@ def test_only_selects_groups_and_arms():
 
 
 def test_intervals_and_verdicts():
-    m, lo, hi = study_report.mean_ci([1.0, 2.0, 3.0])
+    m, lo, hi = study_stats.mean_ci([1.0, 2.0, 3.0])
     assert m == 2.0 and hi - m == pytest.approx(4.303 * 1.0 / math.sqrt(3), rel=1e-3)
-    assert all(math.isnan(v) for v in study_report.mean_ci([5.0])[1:])
-    assert study_report.verdict(0.5, 2.0, 5, "c").startswith("holds")
-    assert study_report.verdict(-2.0, -0.1, 5, "c").startswith("does not hold")
-    assert study_report.verdict(-1.0, 1.0, 5, "c").startswith("cannot tell")
-    assert study_report.verdict(math.nan, math.nan, 1, "c").startswith("cannot tell")
-    n = study_report.seeds_needed(3.0)  # paired sd 3 points -> enough seeds for +-2
-    assert study_report.t_critical(n - 1) * 3.0 / math.sqrt(n) <= 2.0 < study_report.t_critical(n - 2) * 3.0 / math.sqrt(n - 1)
+    assert all(math.isnan(v) for v in study_stats.mean_ci([5.0])[1:])
+    assert study_stats.verdict(0.5, 2.0, 5, "c").startswith("holds")
+    assert study_stats.verdict(-2.0, -0.1, 5, "c").startswith("does not hold")
+    assert study_stats.verdict(-1.0, 1.0, 5, "c").startswith("cannot tell")
+    assert study_stats.verdict(math.nan, math.nan, 1, "c").startswith("cannot tell")
+    n = study_stats.seeds_needed(3.0)  # paired sd 3 points -> enough seeds for +-2
+    assert study_stats.t_critical(n - 1) * 3.0 / math.sqrt(n) <= 2.0 < study_stats.t_critical(n - 2) * 3.0 / math.sqrt(n - 1)
 
 
 def test_lift_by_stage_and_trend():
@@ -98,7 +98,63 @@ def test_report_from_synthetic_runs(tmp_path):
         "finished": True, "seconds": 1000}))
     text = open(study_report.write_report(str(tmp_path))).read()
     for needle in ("Table 1", "Fig. 3", "Fig. 5", "Fig. 6", "Fig. 7", "Table 2", "Table 3", "value read at its start",
-                   "52.75", "47.92", "41.6", "SAPO vs PPO: holds here"):
+                   "52.75", "47.92", "41.6", "SAPO vs PPO: holds here", "Why SAPO wins or loses",
+                   "the accuracy gap over training", "Segment placement (digits)"):
         assert needle in text, needle
     plots = os.listdir(tmp_path / "plots")
-    assert {"digits_fig3_lift_sapo.png", "digits_fig5_topk.png", "digits_fig6.png", "digits_fig7.png"} <= set(plots)
+    assert {"digits_fig3_lift_sapo.png", "digits_fig5_topk.png", "digits_fig6.png", "digits_fig7.png",
+            "digits_accuracy_over_training.png"} <= set(plots)
+
+
+def test_gap_over_training_is_paired_per_step():
+    """SAPO - other at each evaluation step, over the seeds both have, with a t interval."""
+    def rows(accs):
+        return [{"kind": "eval", "step": step, "eval_x_pass1": a} for step, a in accs.items()]
+
+    arm_runs = {"sapo": {1: rows({0: 0.4, 5: 0.6}), 2: rows({0: 0.4, 5: 0.7}), 3: rows({0: 0.4, 5: 0.5})},
+                "grpo": {1: rows({0: 0.4, 5: 0.5}), 2: rows({0: 0.4, 5: 0.5}), 3: rows({0: 0.4, 5: 0.5})}}
+    gaps = study_diagnosis.gap_over_training(arm_runs, "grpo")
+    assert [g[0] for g in gaps] == [0, 5]
+    assert gaps[0][1:4] == (0.0, 0.0, 0.0) and gaps[0][4] == 3
+    step, mean, lo, hi, n = gaps[1]
+    assert mean == pytest.approx(10.0) and lo < 10.0 < hi and n == 3
+    assert study_diagnosis.gap_over_training({"sapo": arm_runs["sapo"]}, "grpo") == []
+
+
+def test_late_explained_variance_clips_degenerate_batches():
+    """A batch whose returns do not vary logs EV -1e14; one such step must not swamp the late mean."""
+    ev = study_diagnosis.EXPLAINED_VARIANCE
+    rows = [{"kind": "train", "step": s, ev: 0.5} for s in range(1, 10)] + [{"kind": "train", "step": 10, ev: -1e14}]
+    late = study_diagnosis.late_explained_variance({1: rows})
+    assert late[1] == pytest.approx((0.5 * 3 - 1.0) / 4)
+
+
+def test_a_second_invocation_keeps_the_first_ones_runs(tmp_path):
+    """`--only topk` after `--only headline` in the same folder reports both; failed or deleted runs and runs
+    of another preset are not carried over."""
+    def run(name, returncode=0, metrics=True):
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        if metrics:
+            (run_dir / "metrics.jsonl").write_text("{}")
+        task, arm_seed = name.split("__")
+        arm, seed = arm_seed.rsplit("_seed", 1)
+        return {"task": task, "arm": arm, "seed": int(seed), "run_dir": str(run_dir), "returncode": returncode}
+
+    config = {"seeds": [1, 2], "steps": 25}
+    before = {"config": config, "arms": ["sapo", "sapo_newline"], "tasks": ["digits"],
+              "labels": {"sapo": "SAPO", "sapo_newline": "newline"}, "arm_flags": {"sapo_newline": ["x"]},
+              "runs": {"digits/sapo_seed1": run("digits__sapo_seed1"),
+                       "digits/sapo_newline_seed1": run("digits__sapo_newline_seed1"),
+                       "digits/sapo_newline_seed2": run("digits__sapo_newline_seed2", returncode=1),
+                       "digits/sapo_fixed_seed1": run("digits__sapo_fixed_seed1", metrics=False)}}
+    path = tmp_path / "study.json"
+    path.write_text(json.dumps(before))
+    now = {"config": dict(config, seeds=[3]), "arms": ["ppo", "sapo"], "tasks": ["arithmetic"],
+           "labels": {"ppo": "PPO", "sapo": "SAPO"}, "arm_flags": {"ppo": [], "sapo": []}}
+    kept = study.earlier_runs(str(path), now)
+    assert sorted(kept) == ["digits/sapo_newline_seed1", "digits/sapo_seed1"]
+    assert now["arms"] == ["ppo", "sapo", "sapo_newline"]  # in ARMS order
+    assert now["tasks"] == ["arithmetic", "digits"] and now["labels"]["sapo_newline"] == "newline"
+    assert study.earlier_runs(str(path), dict(now, config={"seeds": [3], "steps": 10})) == {}
+    assert study.earlier_runs(str(tmp_path / "none.json"), now) == {}

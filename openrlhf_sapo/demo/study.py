@@ -15,6 +15,7 @@ again, so an interrupted study resumes where it stopped. `<out>/study.json` list
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -86,6 +87,32 @@ def selected_arms(only: Optional[List[str]]) -> List[str]:
     return [a for a in ARMS if a in wanted]
 
 
+def earlier_runs(summary_path: str, summary: dict) -> Dict[str, dict]:
+    """The finished runs an earlier invocation recorded in the same folder with the same preset, so that
+    `--only topk` after `--only headline` reports both. Their arms, labels and tasks join `summary`'s."""
+    if not os.path.exists(summary_path):
+        return {}
+    with open(summary_path) as f:
+        before = json.load(f)
+    same = {k: v for k, v in before.get("config", {}).items() if k != "seeds"} == \
+        {k: v for k, v in summary["config"].items() if k != "seeds"}
+    if not same:
+        print(f"study: {summary_path} holds runs of another preset or step count; the report will hold this "
+              "invocation's runs only (use another --out to keep both)", file=sys.stderr)
+        return {}
+    kept = {key: run for key, run in before.get("runs", {}).items()
+            if run.get("returncode") == 0 and os.path.exists(os.path.join(run["run_dir"], "metrics.jsonl"))}
+    for run in kept.values():
+        if run["arm"] not in summary["arms"]:
+            summary["arms"].append(run["arm"])
+            summary["labels"][run["arm"]] = before["labels"].get(run["arm"], run["arm"])
+            summary["arm_flags"][run["arm"]] = before["arm_flags"].get(run["arm"], [])
+        if run["task"] not in summary["tasks"]:
+            summary["tasks"].append(run["task"])
+    summary["arms"] = [a for a in ARMS if a in summary["arms"]]
+    return kept
+
+
 def main(argv: Optional[List[str]] = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m openrlhf_sapo.demo.study", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=None, help="output folder (default runs/study, runs/study-quick with --quick)")
@@ -115,13 +142,14 @@ def main(argv: Optional[List[str]] = None) -> dict:
     os.makedirs(out, exist_ok=True)
     summary_path = os.path.join(out, "study.json")
     t0 = time.time()
-    summary = {"preset": preset_name, "config": asdict(preset), "tasks": list(args.task), "arms": arms,
+    summary = {"preset": preset_name, "config": asdict(preset), "tasks": list(args.task), "arms": list(arms),
                "arm_flags": {a: [*method_flags(ARMS[a].method, "<model>", preset), *ARMS[a].flags] for a in arms},
                "labels": {a: ARMS[a].label for a in arms}, "groups": {g: list(m) for g, m in GROUPS.items()},
                "numerics": numerics,
                "command": " ".join(["python -m openrlhf_sapo.demo.study", *(sys.argv[1:] if argv is None else argv)]),
                "runs": {}, "finished": False}
 
+    summary["runs"] = earlier_runs(summary_path, summary)
     runs = [(task, seed, arm) for task in args.task for seed in preset.seeds for arm in arms]
     bar_file = os.fdopen(os.dup(2), "w", buffering=1)
     bar = tqdm(total=len(runs) * preset.steps, desc="RL steps (whole study)", unit="step", file=bar_file)

@@ -12,78 +12,20 @@ import argparse
 import json
 import math
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 
-from openrlhf_sapo.demo.report import curve, eval_key
+from openrlhf_sapo.demo.report import stacked
+from openrlhf_sapo.demo.study_diagnosis import diagnosis_section
+from openrlhf_sapo.demo.study_stats import (RNG_SEED, bootstrap_ci, final_accuracy, late_mean, mean_ci, seeds_needed,
+                                          spearman, verdict)
 
 # Paper numbers (SAPO_SPEC section 7: Qwen2.5-VL-7B, Geo3K test accuracy %).
 PAPER_GEO3K_7B = {"sapo": 52.75, "grpo": 51.58, "vcppo": 48.75, "ppo": 42.60, "sapo_naive_is": 47.92,
                   "sapo_newline": 41.60, "sapo_step": 41.60, "sapo_lowprob": 44.43}
 STAGES = ("early", "middle", "late")
 LIFT_PREFIX = "critic/value_jump_lift_q"
-RNG_SEED = 0  # bootstrap resampling is deterministic: the same runs give the same report
-
-
-# ---------------------------------------------------------------- statistics
-
-
-def t_critical(df: int) -> float:
-    """Two-sided 95% Student t quantile."""
-    try:
-        from scipy.stats import t
-
-        return float(t.ppf(0.975, df))
-    except ImportError:  # the table for small df, the normal quantile beyond
-        table = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
-        return table.get(df, 1.96 + 2.5 / max(df, 1))
-
-
-def mean_ci(values) -> Tuple[float, float, float]:
-    """(mean, low, high) of the 95% t-interval; the interval is NaN with fewer than two values."""
-    x = np.asarray(values, dtype=float)
-    if x.size == 0:
-        return math.nan, math.nan, math.nan
-    if x.size == 1:
-        return float(x[0]), math.nan, math.nan
-    half = t_critical(x.size - 1) * x.std(ddof=1) / math.sqrt(x.size)
-    return float(x.mean()), float(x.mean() - half), float(x.mean() + half)
-
-
-def bootstrap_ci(values, n: int = 2000) -> Tuple[float, float, float]:
-    """(mean, low, high) of the 95% percentile bootstrap of the mean (for many correlated points: steps)."""
-    x = np.asarray(values, dtype=float)
-    if x.size < 2:
-        return (float(x[0]) if x.size else math.nan), math.nan, math.nan
-    means = np.random.default_rng(RNG_SEED).choice(x, size=(n, x.size)).mean(1)
-    return float(x.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
-
-
-def seeds_needed(paired_sd: float, half_width: float = 2.0) -> Optional[int]:
-    """Seeds whose paired 95% interval is at most +-half_width points, for the measured spread."""
-    if not math.isfinite(paired_sd):
-        return None
-    for n in range(2, 1000):
-        if t_critical(n - 1) * paired_sd / math.sqrt(n) <= half_width:
-            return n
-    return None
-
-
-def verdict(low: float, high: float, n: int, claim: str) -> str:
-    if not (math.isfinite(low) and math.isfinite(high)):
-        return f"cannot tell at this scale: {n} seed(s) give no interval ({claim})"
-    if low > 0:
-        return f"holds here: the 95% interval of the paired difference, [{low:+.3g}, {high:+.3g}], is above 0 ({claim})"
-    if high < 0:
-        return f"does not hold here: the interval [{low:+.3g}, {high:+.3g}] is below 0 ({claim})"
-    return (f"cannot tell at this scale: the interval [{low:+.3g}, {high:+.3g}] spans 0 with {n} seeds "
-            f"({claim})")
-
-
-def spearman(x, y) -> float:
-    rx, ry = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
-    return float(np.corrcoef(rx, ry)[0, 1]) if len(x) > 1 and np.std(rx) > 0 and np.std(ry) > 0 else math.nan
 
 
 # ---------------------------------------------------------------- the runs
@@ -102,13 +44,6 @@ def load(out: str) -> Tuple[dict, Dict[str, Dict[str, Dict[int, List[dict]]]]]:
             rows = [json.loads(line) for line in f if line.strip()]
         runs.setdefault(status["task"], {}).setdefault(status["arm"], {})[int(status["seed"])] = rows
     return summary, runs
-
-
-def final_accuracy(rows: List[dict]) -> float:
-    """Held-out accuracy (%) at the last evaluation."""
-    key = eval_key(rows)
-    _, acc = curve(rows, "eval", key) if key else (None, np.array([]))
-    return float(100 * acc[-1]) if acc.size else math.nan
 
 
 def accuracy_table(arm_runs: Dict[str, Dict[int, List[dict]]], arms: List[str], labels: Dict[str, str],
@@ -177,30 +112,11 @@ def lift_trend(arm_seeds: Dict[int, List[dict]]) -> Tuple[float, Tuple[float, fl
     return spearman(x, y), ci
 
 
-def stacked_curve(arm_seeds: Dict[int, List[dict]], key: str):
-    curves = [curve(rows, "train", key) for rows in arm_seeds.values()]
-    curves = [c for c in curves if len(c[0])]
-    if not curves:
-        return np.array([]), np.zeros((0, 0))
-    steps = sorted(set.intersection(*(set(c[0].tolist()) for c in curves)))
-    return np.array(steps), np.array([[dict(zip(c[0].tolist(), c[1].tolist()))[s] for s in steps] for c in curves])
-
-
-def late_mean(arm_seeds: Dict[int, List[dict]], key: str) -> Dict[int, float]:
-    """Per seed, the mean of `key` over the last third of the training steps."""
-    out = {}
-    for seed, rows in arm_seeds.items():
-        steps, values = curve(rows, "train", key)
-        if len(steps):
-            out[seed] = float(values[steps >= steps.max() - (steps.max() - 1) / 3].mean())
-    return out
-
-
 # ---------------------------------------------------------------- plots
 
 
 def _band(ax, arm_seeds, key, label, scale=1.0):
-    steps, values = stacked_curve(arm_seeds, key)
+    steps, values = stacked(arm_seeds, "train", key)
     if not len(steps):
         return False
     if key == "critic/explained_variance":  # -1e14 when the returns barely vary (all-wrong batches): clip
@@ -391,12 +307,15 @@ def write_report(out: str) -> str:
     seconds = [r["seconds"] for r in summary["runs"].values()]
     median_run_s = float(np.median(seconds)) if seconds else 0.0
     cfg = summary["config"]
+    per_task = {task: sum(len(seeds) for seeds in arm_runs.values()) for task, arm_runs in runs.items()}
     lines = [
         "# SAPO's claims at small scale", "",
-        f"`{summary.get('command', 'python -m openrlhf_sapo.demo.study')}`: {len(summary['runs'])} runs "
-        f"({len(summary['arms'])} arms x {len(cfg['seeds'])} seeds x {len(summary['tasks'])} tasks, {cfg['steps']} RL "
-        f"steps of {cfg['samples_per_step']} samples each), {summary.get('seconds', 0) / 60:.0f} min on this machine "
-        f"(median run {median_run_s:.0f} s){'' if summary.get('finished') else ', UNFINISHED: the tables hold the runs so far'}.",
+        f"`{summary.get('command', 'python -m openrlhf_sapo.demo.study')}` (with the runs of earlier invocations in "
+        f"the same folder): {len(summary['runs'])} runs ("
+        + ", ".join(f"{task} {n}" for task, n in per_task.items())
+        + f"; {len(summary['arms'])} arms, seeds per arm in the tables), {cfg['steps']} RL steps of "
+        f"{cfg['samples_per_step']} samples each; {sum(seconds) / 3600:.1f} h of runs on this machine "
+        f"(2 cores; median run {median_run_s:.0f} s){'' if summary.get('finished') else ', UNFINISHED: the tables hold the runs so far'}.",
         "",
         "Paired design: for each seed every arm starts from the task's warm start and sees the same prompt order; "
         "differences are per seed, then averaged, with a 95% Student t interval. Accuracy is greedy pass@1 on the "
@@ -410,6 +329,7 @@ def write_report(out: str) -> str:
         lines += headline_section(task, arm_runs, labels, plot_dir, median_run_s, n_arms)
         lines += lift_section(task, arm_runs, labels, plot_dir)
         lines += ablation_section(task, arm_runs, labels, plot_dir)
+    lines += diagnosis_section(runs, labels, plot_dir)
     path = os.path.join(out, "report.md")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
