@@ -40,6 +40,17 @@ def test_each_arm_is_its_recipe_with_its_own_flags(parsed):
     assert get("ppo", "algo.advantage.critic_lambd") is None
     assert get("soft_adaptive", "actor.policy_loss_type") == "soft_adaptive"
     assert get("soft_adaptive", "algo.advantage.estimator") == get("grpo", "algo.advantage.estimator") == "group_norm"
+    # the diagnosis arms: critic-only steps first, then the recipe's actor steps; or twice the steps
+    quick = PRESETS["quick"].steps
+    for method in ("sapo", "ppo"):
+        warm = f"{method}_critic_warmup"
+        assert get(warm, "critic.freezing_steps") == 1 and get(method, "critic.freezing_steps") == -1
+        assert get(warm, "data.max_samples") == get(method, "data.max_samples") * (quick + 1) // quick
+        assert get(warm, "algo.advantage.estimator") == get(method, "algo.advantage.estimator")
+    for method in ("sapo", "ppo", "grpo"):
+        assert get(f"{method}_long", "data.max_samples") == 2 * get(method, "data.max_samples")
+    assert study.arm_steps(study.ARMS["sapo_critic_warmup"], 25) == (30, 5)
+    assert study.arm_steps(study.ARMS["grpo_long"], 25) == (50, 0)
     # paired: the same seed and data for every arm
     assert {get(a, "train.seed") for a in study.ARMS} == {3}
     assert len({get(a, "data.prompt_dataset") for a in study.ARMS}) == 1
@@ -99,7 +110,8 @@ def test_report_from_synthetic_runs(tmp_path):
     text = open(study_report.write_report(str(tmp_path))).read()
     for needle in ("Table 1", "Fig. 3", "Fig. 5", "Fig. 6", "Fig. 7", "Table 2", "Table 3", "value read at its start",
                    "52.75", "47.92", "41.6", "SAPO vs PPO: holds here", "Why SAPO wins or loses",
-                   "the accuracy gap over training", "Segment placement (digits)"):
+                   "the accuracy gap over training", "Segment placement (digits)",
+                   "interventions (critic warm-up, twice the budget)", "twice the steps help SAPO"):
         assert needle in text, needle
     plots = os.listdir(tmp_path / "plots")
     assert {"digits_fig3_lift_sapo.png", "digits_fig5_topk.png", "digits_fig6.png", "digits_fig7.png",

@@ -111,9 +111,8 @@ def analyze(model_dir: str, task, n: int = 128, seed: int = 0, topk_percent: flo
     model, tokenizer, processor = load_model(model_dir)
     model.eval()
     examples = task.sample(n, "heldout", seed)
-    generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    tokens, ends, entropies, roles, errors = Counter(), Counter(), {r: [] for r in ROLES}, [], Counter()
+    tokens, ends, entropies, errors = Counter(), Counter(), {r: [] for r in ROLES}, Counter()
     correct = 0
     pad = tokenizer.pad_token_id
     for start in range(0, n, batch_size):

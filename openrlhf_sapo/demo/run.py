@@ -121,7 +121,10 @@ def train_command(method: str, seed: int, preset: Preset, model: str, data_dir: 
 # Set-up: tiny model, warm start, data
 
 
-def prepare(task_name: str, preset: Preset, out: str, progress: bool = True) -> dict:
+def prepare(task_name: str, preset: Preset, out: str, progress: bool = True, train_steps: int = 0) -> dict:
+    """The task's tiny model, warm start (cached) and data: enough training prompts for `train_steps`
+    (default the preset's steps) of the method with the most prompts per step. A longer run's file
+    starts with a shorter run's prompts (the task's examples are one seeded sequence)."""
     from openrlhf_sapo.demo.data import write_split
     from openrlhf_sapo.demo.tiny_models import build_tiny_qwen2, build_tiny_qwen2_5_vl
     from openrlhf_sapo.demo.warm_start import warm_start
@@ -143,7 +146,7 @@ def prepare(task_name: str, preset: Preset, out: str, progress: bool = True) -> 
         with open(stamp_path, "w") as f:
             json.dump({"config": stamp, "metrics": metrics}, f, indent=1)
     data_dir = os.path.join(out, "data")
-    n_train = max(prompts_per_step(m, preset) for m in METHODS) * preset.steps
+    n_train = max(prompts_per_step(m, preset) for m in METHODS) * max(preset.steps, train_steps)
     write_split(task, data_dir, "train", max(n_train, 64), seed=0)
     write_split(task, data_dir, "heldout", preset.eval_n, seed=0)
     return {"model": warm_dir, "data_dir": data_dir, "is_vlm": is_vlm, "warm_start": metrics}

@@ -31,6 +31,14 @@ class Arm:
     method: str  # the demo method it starts from (its recipe)
     flags: Tuple[str, ...] = ()  # appended: argparse keeps the last value, so these override the recipe
     label: str = ""
+    steps_factor: int = 1  # RL steps = the preset's x this (the budget diagnosis)
+    critic_warmup_fraction: float = 0.0  # extra first steps, this fraction of the preset's, that train the critic only
+
+
+def arm_steps(arm: "Arm", steps: int) -> Tuple[int, int]:
+    """(RL steps, of which critic-only warm-up steps) of an arm under a preset of `steps` steps."""
+    warmup = max(1, round(arm.critic_warmup_fraction * steps)) if arm.critic_warmup_fraction else 0
+    return steps * arm.steps_factor + warmup, warmup
 
 
 # The demo's solutions put each step on its own line and have no "Step N" markers: the step segmenter
@@ -52,6 +60,12 @@ ARMS: Dict[str, Arm] = {
     "sapo_fixed": Arm("sapo", ("--algo.sapo.segmenter", "fixed", "--algo.sapo.fixed_length", "8"),
                       "SAPO, fixed 8-token segments (control)"),
     "sapo_value_start": Arm("sapo", ("--algo.sapo.value_at", "start"), "SAPO, value at segment start"),
+    # Diagnosis (item 4): is it the critic or the budget? Critic-only warm-up steps first (upstream's
+    # --critic.freezing_steps: the actor is frozen, the critic trains on the warm start's rollouts), then the
+    # same actor steps as every arm; or twice the steps (fresh prompts continue the same sequence).
+    **{f"{m}_critic_warmup": Arm(m, label=f"{m.upper()}, critic warm-up (+20% critic-only steps first)",
+                                 critic_warmup_fraction=0.2) for m in ("sapo", "ppo")},
+    **{f"{m}_long": Arm(m, label=f"{m.upper()}, twice the steps", steps_factor=2) for m in ("sapo", "ppo", "grpo")},
 }
 
 # The paper's figure or table each group reproduces, and its arms (the first is the reference).
@@ -61,6 +75,8 @@ GROUPS: Dict[str, Tuple[str, ...]] = {
     "ratio": ("sapo", "sapo_naive_is"),  # Table 2
     "segmenter": ("sapo", "sapo_newline", "sapo_step", "sapo_lowprob", "sapo_fixed"),  # Table 3
     "value_at": ("sapo", "sapo_value_start"),  # s_m read at the start (paper) vs end (release)
+    "critic_warmup": ("sapo", "sapo_critic_warmup", "ppo", "ppo_critic_warmup", "grpo"),  # item 4: the critic?
+    "budget": ("sapo", "sapo_long", "ppo", "ppo_long", "grpo", "grpo_long"),  # item 4: the budget?
 }
 
 DEFAULT_SEEDS = (1, 2, 3, 4, 5)
@@ -68,8 +84,10 @@ DEFAULT_SEEDS = (1, 2, 3, 4, 5)
 
 def arm_command(arm_name: str, seed: int, preset, prepared: dict, run_dir: str) -> List[str]:
     arm = ARMS[arm_name]
-    cmd = train_command(arm.method, seed, preset, prepared["model"], prepared["data_dir"], run_dir, prepared["is_vlm"])
-    return cmd + list(arm.flags)
+    steps, warmup = arm_steps(arm, preset.steps)
+    cmd = train_command(arm.method, seed, replace(preset, steps=steps), prepared["model"], prepared["data_dir"],
+                        run_dir, prepared["is_vlm"])
+    return cmd + list(arm.flags) + (["--critic.freezing_steps", str(warmup)] if warmup else [])
 
 
 def selected_arms(only: Optional[List[str]]) -> List[str]:
@@ -152,15 +170,17 @@ def main(argv: Optional[List[str]] = None) -> dict:
     summary["runs"] = earlier_runs(summary_path, summary)
     runs = [(task, seed, arm) for task in args.task for seed in preset.seeds for arm in arms]
     bar_file = os.fdopen(os.dup(2), "w", buffering=1)
-    bar = tqdm(total=len(runs) * preset.steps, desc="RL steps (whole study)", unit="step", file=bar_file)
+    bar = tqdm(total=sum(arm_steps(ARMS[arm], preset.steps)[0] for _, _, arm in runs), desc="RL steps (whole study)", unit="step", file=bar_file)
     prepared: Dict[str, dict] = {}
     for task, seed, arm in runs:
         if task not in prepared:  # the warm start of each task, cached under <out>/<task>/warm_start
             bar.set_postfix(run=f"{task}: warm start")
-            prepared[task] = prepare(task, preset, os.path.join(out, task), progress=False)
+            longest = max(arm_steps(ARMS[a], preset.steps)[0] for a in arms)
+            prepared[task] = prepare(task, preset, os.path.join(out, task), progress=False, train_steps=longest)
         run_dir = os.path.join(out, task, "runs", f"{arm}_seed{seed}")
         bar.set_postfix(run=f"{task} {arm} seed {seed}")
-        status = run_one(arm_command(arm, seed, preset, prepared[task], run_dir), run_dir, bar, preset.steps)
+        status = run_one(arm_command(arm, seed, preset, prepared[task], run_dir), run_dir, bar,
+                         arm_steps(ARMS[arm], preset.steps)[0])
         status.pop("skipped", None)
         summary["runs"][f"{task}/{arm}_seed{seed}"] = dict(status, task=task, arm=arm, seed=seed, run_dir=run_dir)
         summary["seconds"] = round(time.time() - t0, 1)

@@ -6,6 +6,8 @@ say why. Each candidate cause is read off the study's own runs, no extra trainin
   their critics on different positions, every token vs segment ends, so their levels differ by design);
 - budget: the paired accuracy gap at every evaluation step (a gap that shrinks with steps is a budget
   effect; a gap that is there from the first evaluation is not);
+- the interventions (study.py's critic_warmup and budget groups): critic-only warm-up steps before the same
+  actor steps, and twice the steps, each paired with the arm it changes;
 - segment placement: the spread of Table 3's segmenters (if no placement beats another, where segments
   are cut is not what decides the result at this scale).
 """
@@ -19,9 +21,19 @@ from typing import Dict, List, Tuple
 import numpy as np
 
 from openrlhf_sapo.demo.report import curve, eval_key
-from openrlhf_sapo.demo.study_stats import final_accuracy, late_mean, mean_ci
+from openrlhf_sapo.demo.study_stats import final_accuracy, late_mean, mean_ci, verdict
 
-CRITIC_ARMS = ("ppo", "vcppo", "sapo")
+CRITIC_ARMS = ("ppo", "vcppo", "sapo", "ppo_critic_warmup", "sapo_critic_warmup")
+# The interventions (study.py's critic_warmup and budget groups): (arm, against, what a positive difference says)
+INTERVENTIONS = (
+    ("sapo_critic_warmup", "sapo", "a critic-only head start helps SAPO"),
+    ("ppo_critic_warmup", "ppo", "a critic-only head start helps PPO"),
+    ("sapo_critic_warmup", "grpo", "SAPO with a warmed-up critic beats GRPO"),
+    ("sapo_long", "sapo", "twice the steps help SAPO"),
+    ("grpo_long", "grpo", "twice the steps help GRPO"),
+    ("sapo_long", "grpo_long", "at twice the steps SAPO beats GRPO"),
+    ("sapo_long", "ppo_long", "at twice the steps SAPO beats PPO"),
+)
 EXPLAINED_VARIANCE = "critic/explained_variance"
 SEGMENTER_ARMS = ("sapo", "sapo_newline", "sapo_step", "sapo_lowprob", "sapo_fixed")
 
@@ -137,6 +149,24 @@ def budget_lines(task, arm_runs, labels, plot_dir) -> List[str]:
     return lines + [""]
 
 
+def intervention_lines(task, arm_runs, labels) -> List[str]:
+    rows = []
+    for arm, against, claim in INTERVENTIONS:
+        if arm not in arm_runs or against not in arm_runs:
+            continue
+        ours = {s: final_accuracy(r) for s, r in arm_runs[arm].items()}
+        theirs = {s: final_accuracy(r) for s, r in arm_runs[against].items()}
+        paired = [ours[s] - theirs[s] for s in ours if s in theirs]
+        m, lo, hi = mean_ci(paired)
+        rows.append(f"| {labels.get(arm, arm)} - {labels.get(against, against)} | {len(paired)} | {m:+.1f}"
+                    + (f" [{lo:+.1f}, {hi:+.1f}]" if math.isfinite(lo) else "") + f" | {verdict(lo, hi, len(paired), claim)} |")
+    if not rows:
+        return []
+    return [f"### {task}: interventions (critic warm-up, twice the budget)", "",
+            "| paired comparison | seeds | accuracy difference, points (95% CI) | verdict |", "|---|---|---|---|",
+            *rows, ""]
+
+
 def placement_lines(task, arm_runs, labels) -> List[str]:
     finals = {}
     for arm in SEGMENTER_ARMS:
@@ -168,5 +198,6 @@ def diagnosis_section(runs, labels, plot_dir) -> List[str]:
     for task, arm_runs in runs.items():
         lines += [f"### {task}: the accuracy gap over training (budget)", ""]
         lines += budget_lines(task, arm_runs, labels, plot_dir)
+        lines += intervention_lines(task, arm_runs, labels)
         lines += placement_lines(task, arm_runs, labels)
     return lines
