@@ -20,6 +20,7 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
+from openrlhf_sapo.demo import figures
 from openrlhf_sapo.demo.report import curve, eval_key
 from openrlhf_sapo.demo.study_stats import final_accuracy, late_mean, mean_ci, verdict
 
@@ -89,12 +90,7 @@ def gap_over_training(arm_runs, arm: str, reference: str = "sapo") -> List[Tuple
 
 
 def plot_accuracy(path: str, arm_runs, arms, labels, title: str) -> bool:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    fig, (ax,) = figures.subplots(width=5.5)
     drawn = False
     for arm in arms:
         per_seed = [accuracy_by_step(r) for r in arm_runs.get(arm, {}).values()]
@@ -109,13 +105,8 @@ def plot_accuracy(path: str, arm_runs, arms, labels, title: str) -> bool:
             half = 1.96 * values.std(0, ddof=1) / math.sqrt(len(per_seed))
             ax.fill_between(steps, mean - half, mean + half, alpha=0.15)
         drawn = True
-    ax.set_xlabel("RL step")
-    ax.set_ylabel("held-out accuracy % (mean, ~95% band)")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    figures.label(ax, "RL step", "held-out accuracy % (mean, ~95% band)", title)
+    figures.save(fig, path)
     return drawn
 
 

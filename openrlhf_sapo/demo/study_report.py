@@ -16,6 +16,7 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
+from openrlhf_sapo.demo import figures
 from openrlhf_sapo.demo.report import stacked
 from openrlhf_sapo.demo.study_diagnosis import diagnosis_section
 from openrlhf_sapo.demo.study_stats import (RNG_SEED, bootstrap_ci, final_accuracy, late_mean, mean_ci, seeds_needed,
@@ -130,34 +131,20 @@ def _band(ax, arm_seeds, key, label, scale=1.0):
 
 
 def plot_curves(path: str, arm_runs, arms: List[str], labels, panels: List[Tuple[str, str]], title: str) -> bool:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    fig, axes = figures.subplots(len(panels))
     drawn = False
-    for ax, (key, ylabel) in zip(axes[0], panels):
+    for ax, (key, ylabel) in zip(axes, panels):
         for arm in arms:
             if arm in arm_runs:
                 drawn |= _band(ax, arm_runs[arm], key, labels.get(arm, arm))
-        ax.set_xlabel("RL step")
-        ax.set_ylabel(ylabel)
-        ax.legend(fontsize=7)
+        figures.label(ax, "RL step", ylabel)
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    figures.save(fig, path)
     return drawn
 
 
 def plot_lift(path: str, by_stage, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.6))
+    fig, (ax,) = figures.subplots()
     for stage in STAGES:
         if stage in by_stage:
             qs = sorted(by_stage[stage])
@@ -167,34 +154,20 @@ def plot_lift(path: str, by_stage, title: str) -> None:
             ax.plot(qs, mean, marker="o", label=stage)
             ax.fill_between(qs, low, high, alpha=0.2)
     ax.axhline(1.0, color="gray", lw=0.8, ls="--")
-    ax.set_xlabel("entropy quantile q (tokens with H >= the q-quantile)")
-    ax.set_ylabel("Lift(q) of |V(t+1) - V(t)|")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    figures.label(ax, "entropy quantile q (tokens with H >= the q-quantile)", "Lift(q) of |V(t+1) - V(t)|", title)
+    figures.save(fig, path)
 
 
 def plot_topk(path: str, arm_runs, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     ks, means, lows, highs = [], [], [], []
     for k, arm in ((10, "sapo_top10"), (20, "sapo_top20"), (30, "sapo"), (40, "sapo_top40"), (50, "sapo_top50")):
         if arm in arm_runs:
             m, lo, hi = mean_ci([final_accuracy(r) for r in arm_runs[arm].values()])
             ks.append(k), means.append(m), lows.append(lo if math.isfinite(lo) else m), highs.append(hi if math.isfinite(hi) else m)
-    fig, ax = plt.subplots(figsize=(5, 3.6))
+    fig, (ax,) = figures.subplots()
     ax.errorbar(ks, means, yerr=[np.subtract(means, lows), np.subtract(highs, means)], marker="o", capsize=3)
-    ax.set_xlabel("entropy top-k (% of tokens ending a segment)")
-    ax.set_ylabel("held-out accuracy %")
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    figures.label(ax, "entropy top-k (% of tokens ending a segment)", "held-out accuracy %", title, legend=False)
+    figures.save(fig, path)
 
 
 # ---------------------------------------------------------------- the report
