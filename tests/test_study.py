@@ -44,13 +44,14 @@ def test_each_arm_is_its_recipe_with_its_own_flags(parsed):
     quick = PRESETS["quick"].steps
     for method in ("sapo", "ppo"):
         warm = f"{method}_critic_warmup"
-        assert get(warm, "critic.freezing_steps") == 1 and get(method, "critic.freezing_steps") == -1
-        assert get(warm, "data.max_samples") == get(method, "data.max_samples") * (quick + 1) // quick
+        # one evaluation interval (2 steps) of critic-only steps, so the last step is evaluated
+        assert get(warm, "critic.freezing_steps") == 2 and get(method, "critic.freezing_steps") == -1
+        assert get(warm, "data.max_samples") == get(method, "data.max_samples") * (quick + 2) // quick
         assert get(warm, "algo.advantage.estimator") == get(method, "algo.advantage.estimator")
     for method in ("sapo", "ppo", "grpo"):
         assert get(f"{method}_long", "data.max_samples") == 2 * get(method, "data.max_samples")
-    assert study.arm_steps(study.ARMS["sapo_critic_warmup"], 25) == (30, 5)
-    assert study.arm_steps(study.ARMS["grpo_long"], 25) == (50, 0)
+    assert study.arm_steps(study.ARMS["sapo_critic_warmup"], PRESETS["full"]) == (30, 5)
+    assert study.arm_steps(study.ARMS["grpo_long"], PRESETS["full"]) == (50, 0)
     # paired: the same seed and data for every arm
     assert {get(a, "train.seed") for a in study.ARMS} == {3}
     assert len({get(a, "data.prompt_dataset") for a in study.ARMS}) == 1

@@ -35,10 +35,14 @@ class Arm:
     critic_warmup_fraction: float = 0.0  # extra first steps, this fraction of the preset's, that train the critic only
 
 
-def arm_steps(arm: "Arm", steps: int) -> Tuple[int, int]:
-    """(RL steps, of which critic-only warm-up steps) of an arm under a preset of `steps` steps."""
-    warmup = max(1, round(arm.critic_warmup_fraction * steps)) if arm.critic_warmup_fraction else 0
-    return steps * arm.steps_factor + warmup, warmup
+def arm_steps(arm: "Arm", preset) -> Tuple[int, int]:
+    """(RL steps, of which critic-only warm-up steps) of an arm under `preset`. The warm-up is a whole number
+    of evaluation intervals, so the last step is evaluated (upstream evaluates every `eval_every` steps)."""
+    warmup = 0
+    if arm.critic_warmup_fraction:
+        intervals = max(1, round(arm.critic_warmup_fraction * preset.steps / preset.eval_every))
+        warmup = intervals * preset.eval_every
+    return preset.steps * arm.steps_factor + warmup, warmup
 
 
 # The demo's solutions put each step on its own line and have no "Step N" markers: the step segmenter
@@ -84,7 +88,7 @@ DEFAULT_SEEDS = (1, 2, 3, 4, 5)
 
 def arm_command(arm_name: str, seed: int, preset, prepared: dict, run_dir: str) -> List[str]:
     arm = ARMS[arm_name]
-    steps, warmup = arm_steps(arm, preset.steps)
+    steps, warmup = arm_steps(arm, preset)
     cmd = train_command(arm.method, seed, replace(preset, steps=steps), prepared["model"], prepared["data_dir"],
                         run_dir, prepared["is_vlm"])
     return cmd + list(arm.flags) + (["--critic.freezing_steps", str(warmup)] if warmup else [])
@@ -170,17 +174,17 @@ def main(argv: Optional[List[str]] = None) -> dict:
     summary["runs"] = earlier_runs(summary_path, summary)
     runs = [(task, seed, arm) for task in args.task for seed in preset.seeds for arm in arms]
     bar_file = os.fdopen(os.dup(2), "w", buffering=1)
-    bar = tqdm(total=sum(arm_steps(ARMS[arm], preset.steps)[0] for _, _, arm in runs), desc="RL steps (whole study)", unit="step", file=bar_file)
+    bar = tqdm(total=sum(arm_steps(ARMS[arm], preset)[0] for _, _, arm in runs), desc="RL steps (whole study)", unit="step", file=bar_file)
     prepared: Dict[str, dict] = {}
     for task, seed, arm in runs:
         if task not in prepared:  # the warm start of each task, cached under <out>/<task>/warm_start
             bar.set_postfix(run=f"{task}: warm start")
-            longest = max(arm_steps(ARMS[a], preset.steps)[0] for a in arms)
+            longest = max(arm_steps(ARMS[a], preset)[0] for a in arms)
             prepared[task] = prepare(task, preset, os.path.join(out, task), progress=False, train_steps=longest)
         run_dir = os.path.join(out, task, "runs", f"{arm}_seed{seed}")
         bar.set_postfix(run=f"{task} {arm} seed {seed}")
         status = run_one(arm_command(arm, seed, preset, prepared[task], run_dir), run_dir, bar,
-                         arm_steps(ARMS[arm], preset.steps)[0])
+                         arm_steps(ARMS[arm], preset)[0])
         status.pop("skipped", None)
         summary["runs"][f"{task}/{arm}_seed{seed}"] = dict(status, task=task, arm=arm, seed=seed, run_dir=run_dir)
         summary["seconds"] = round(time.time() - t0, 1)
