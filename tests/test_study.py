@@ -61,6 +61,9 @@ def test_only_selects_groups_and_arms():
     assert study.selected_arms(None) == list(study.ARMS)
     assert study.selected_arms(["ratio"]) == ["sapo", "sapo_naive_is"]
     assert study.selected_arms(["ppo", "value_at"]) == ["ppo", "sapo", "sapo_value_start"]
+    # the headline arms get the seeds a 2-point resolution needs, the ablations 5
+    assert all(study.default_seeds(a) == study.HEADLINE_SEEDS for a in study.GROUPS["headline"])
+    assert study.default_seeds("sapo_top10") == study.DEFAULT_SEEDS and len(study.HEADLINE_SEEDS) > 5
     with pytest.raises(SystemExit, match="not a group"):
         study.selected_arms(["nope"])
 
