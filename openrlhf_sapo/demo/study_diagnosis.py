@@ -1,5 +1,5 @@
 """Item 4 of the study's report: where SAPO loses to a method the paper says it beats, the measurements that
-say why. Each candidate cause is read off the study's own runs, no extra training:
+say why. Each candidate cause is read off the study's runs:
 
 - critic quality: each critic's explained variance of its value targets and its value loss over the last
   third of training, per task (the same method on two tasks is the clean comparison: PPO and SAPO train

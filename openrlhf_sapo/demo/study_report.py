@@ -214,7 +214,7 @@ def headline_section(task, arm_runs, labels, plot_dir, median_run_s, n_arms) -> 
 
 def lift_section(task, arm_runs, labels, plot_dir) -> List[str]:
     lines = [f"### {task}: Fig. 3, Lift(q) of the value jump at high-entropy tokens", ""]
-    for arm in ("sapo", "ppo"):
+    for arm in ("sapo", "ppo", "vcppo"):
         if arm not in arm_runs:
             continue
         by_stage = lift_by_stage(arm_runs[arm])
