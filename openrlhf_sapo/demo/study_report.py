@@ -173,9 +173,11 @@ def plot_topk(path: str, arm_runs, title: str) -> None:
 # ---------------------------------------------------------------- the report
 
 
-def headline_section(task, arm_runs, labels, plot_dir, median_run_s, n_arms) -> List[str]:
+def headline_section(task, arm_runs, labels, plot_dir, median_run_s) -> List[str]:
     lines = [f"### {task}: SAPO against PPO, GRPO, VC-PPO and Soft Adaptive PO (paper Table 1)", ""]
-    table, diffs = accuracy_table(arm_runs, ["sapo", "ppo", "grpo", "vcppo", "soft_adaptive"], labels, "sapo")
+    headline = ["sapo", "ppo", "grpo", "vcppo", "soft_adaptive"]
+    n_arms = sum(arm in arm_runs for arm in headline)
+    table, diffs = accuracy_table(arm_runs, headline, labels, "sapo")
     lines += table + [""]
     for arm, claim in (("ppo", "paper: SAPO beats PPO by 10.2 points"), ("grpo", "paper: SAPO beats GRPO by 1.2"),
                        ("vcppo", "paper: SAPO beats VC-PPO by 4.0")):
@@ -183,9 +185,9 @@ def headline_section(task, arm_runs, labels, plot_dir, median_run_s, n_arms) -> 
             d, lo, hi, n, sd = diffs[arm]
             need = seeds_needed(sd)
             lines.append(f"- SAPO vs {labels.get(arm, arm)}: {verdict(lo, hi, n, claim)}."
-                         + (f" Telling a 2-point difference at this spread (paired sd {sd:.1f}) takes {need} seeds, "
-                            f"about {need * n_arms * median_run_s / 3600:.1f} h for the study's {n_arms} arms on "
-                            "this machine." if need else ""))
+                         + (f" Telling a 2-point difference at this spread (paired sd {sd:.1f}) takes {need} seeds: "
+                            f"{need} x {n_arms} headline arms x {median_run_s:.0f} s = "
+                            f"{need * n_arms * median_run_s / 3600:.1f} h for this task on this machine." if need else ""))
     if "soft_adaptive" in diffs:
         d, lo, hi, n, _ = diffs["soft_adaptive"]
         lines.append(f"- Soft Adaptive PO (a different algorithm that shares the name) vs SAPO: paired difference "
@@ -222,7 +224,7 @@ def lift_section(task, arm_runs, labels, plot_dir) -> List[str]:
             continue
         path = os.path.join(plot_dir, f"{task}_fig3_lift_{arm}.png")
         plot_lift(path, by_stage, f"{task}, {labels.get(arm, arm)}: Lift(q) per training stage")
-        lines += [f"![Fig. 3 {arm}](plots/{os.path.basename(path)})", "",
+        lines += [f"**{labels.get(arm, arm)}**", "", f"![Fig. 3 {arm}](plots/{os.path.basename(path)})", "",
                   "| stage | " + " | ".join(f"q={q:g}" for q in sorted(next(iter(by_stage.values())))) + " |",
                   "|---|" + "---|" * len(next(iter(by_stage.values())))]
         for stage in STAGES:
@@ -234,11 +236,12 @@ def lift_section(task, arm_runs, labels, plot_dir) -> List[str]:
         late = by_stage[last_stage]
         top_q, top = max(late.items())
         rho, (slope, slo, shi) = lift_trend(arm_runs[arm])
-        above = math.isfinite(top[1]) and top[1] > 1
+        _, low, high = top
+        above = ("holds (the interval is above 1)" if low > 1 else "does not hold (the interval is below 1)"
+                 if high < 1 else "cannot tell (the interval spans 1)") if math.isfinite(low) else "cannot tell (no interval)"
         grows = late[min(late)][0] < top[0]
         lines += ["", f"- {labels.get(arm, arm)}: Lift > 1 at q={top_q:g} in the {last_stage} stage: "
-                  + ("holds (the interval is above 1)" if above else "cannot tell or does not hold (the interval "
-                     "reaches 1 or below)") + f"; Lift grows with q: {'yes' if grows else 'no'} ({last_stage} stage); "
+                  + above + f"; Lift grows with q: {'yes' if grows else 'no'} ({last_stage} stage); "
                   f"the mean Lift over training: Spearman rho {rho:.2f}, slope {slope:+.4f}/step "
                   + (f"[{slo:+.4f}, {shi:+.4f}]" if math.isfinite(slo) else "") + " (paper: rho 0.15, slope CI above 0).", ""]
     return lines
@@ -296,10 +299,9 @@ def write_report(out: str) -> str:
         "they are there for direction, not for level (a tiny model on a toy task).",
         "",
     ]
-    n_arms = len(summary["arms"])
     for task, arm_runs in runs.items():
         lines += [f"## Task: {task}", ""]
-        lines += headline_section(task, arm_runs, labels, plot_dir, median_run_s, n_arms)
+        lines += headline_section(task, arm_runs, labels, plot_dir, median_run_s)
         lines += lift_section(task, arm_runs, labels, plot_dir)
         lines += ablation_section(task, arm_runs, labels, plot_dir)
     lines += diagnosis_section(runs, labels, plot_dir)
