@@ -24,7 +24,7 @@ from openrlhf_sapo.demo import figures
 from openrlhf_sapo.demo.report import curve, eval_key
 from openrlhf_sapo.demo.study_stats import final_accuracy, late_mean, mean_ci, verdict
 
-CRITIC_ARMS = ("ppo", "vcppo", "sapo", "ppo_critic_warmup", "sapo_critic_warmup")
+CRITIC_ARMS = ("ppo", "vcppo", "sapo", "ppo_critic_warmup", "sapo_critic_warmup", "ppo_long", "sapo_long")
 # The interventions (study.py's critic_warmup and budget groups): (arm, against, what a positive difference says)
 INTERVENTIONS = (
     ("sapo_critic_warmup", "sapo", "a critic-only head start helps SAPO"),
@@ -34,6 +34,10 @@ INTERVENTIONS = (
     ("grpo_long", "grpo", "twice the steps help GRPO"),
     ("sapo_long", "grpo_long", "at twice the steps SAPO beats GRPO"),
     ("sapo_long", "ppo_long", "at twice the steps SAPO beats PPO"),
+    # is it SAPO, or every critic? the critic methods against GRPO
+    ("ppo", "grpo", "PPO beats GRPO"),
+    ("vcppo", "grpo", "VC-PPO beats GRPO"),
+    ("ppo_long", "grpo_long", "at twice the steps PPO beats GRPO"),
 )
 EXPLAINED_VARIANCE = "critic/explained_variance"
 SEGMENTER_ARMS = ("sapo", "sapo_newline", "sapo_step", "sapo_lowprob", "sapo_fixed")
@@ -153,7 +157,7 @@ def intervention_lines(task, arm_runs, labels) -> List[str]:
                     + (f" [{lo:+.1f}, {hi:+.1f}]" if math.isfinite(lo) else "") + f" | {verdict(lo, hi, len(paired), claim)} |")
     if not rows:
         return []
-    return [f"### {task}: interventions (critic warm-up, twice the budget)", "",
+    return [f"### {task}: interventions (critic warm-up, twice the budget) and the critic methods against GRPO", "",
             "| paired comparison | seeds | accuracy difference, points (95% CI) | verdict |", "|---|---|---|---|",
             *rows, ""]
 
