@@ -117,6 +117,8 @@ def test_report_from_synthetic_runs(tmp_path):
                    "the accuracy gap over training", "Segment placement (digits)",
                    "interventions (critic warm-up, twice the budget)", "twice the steps help SAPO"):
         assert needle in text, needle
+    csv = (tmp_path / "final_accuracy.csv").read_text().splitlines()
+    assert csv[0] == "task,arm,seed,accuracy_percent" and len(csv) == 1 + 3 * len(study.ARMS)
     plots = os.listdir(tmp_path / "plots")
     assert {"digits_fig3_lift_sapo.png", "digits_fig5_topk.png", "digits_fig6.png", "digits_fig7.png",
             "digits_accuracy_over_training.png"} <= set(plots)

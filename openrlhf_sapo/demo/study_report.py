@@ -275,6 +275,16 @@ def ablation_section(task, arm_runs, labels, plot_dir) -> List[str]:
     return lines
 
 
+def write_accuracy_csv(path: str, runs) -> None:
+    """task, arm, seed, final held-out accuracy: one row per run, for anyone re-analysing without the runs."""
+    with open(path, "w") as f:
+        f.write("task,arm,seed,accuracy_percent\n")
+        for task, arm_runs in runs.items():
+            for arm, seeds in arm_runs.items():
+                for seed, rows in sorted(seeds.items()):
+                    f.write(f"{task},{arm},{seed},{final_accuracy(rows):.4g}\n")
+
+
 def write_report(out: str) -> str:
     summary, runs = load(out)
     labels = summary["labels"]
@@ -305,6 +315,7 @@ def write_report(out: str) -> str:
         lines += lift_section(task, arm_runs, labels, plot_dir)
         lines += ablation_section(task, arm_runs, labels, plot_dir)
     lines += diagnosis_section(runs, labels, plot_dir)
+    write_accuracy_csv(os.path.join(out, "final_accuracy.csv"), runs)
     path = os.path.join(out, "report.md")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
