@@ -58,12 +58,15 @@ def test_each_arm_is_its_recipe_with_its_own_flags(parsed):
 
 
 def test_only_selects_groups_and_arms():
-    assert study.selected_arms(None) == list(study.ARMS)
+    assert study.selected_arms(None, every_arm=True) == list(study.ARMS)
+    paper = study.selected_arms(None)
+    assert "sapo_top10" in paper and "sapo_value_start" in paper and not any("long" in a or "warmup" in a for a in paper)
     assert study.selected_arms(["ratio"]) == ["sapo", "sapo_naive_is"]
     assert study.selected_arms(["ppo", "value_at"]) == ["ppo", "sapo", "sapo_value_start"]
     # the headline arms get the seeds a 2-point resolution needs, the ablations 5
-    assert all(study.default_seeds(a) == study.HEADLINE_SEEDS for a in study.GROUPS["headline"])
-    assert study.default_seeds("sapo_top10") == study.DEFAULT_SEEDS and len(study.HEADLINE_SEEDS) > 5
+    assert all(study.default_seeds("digits", a) == study.HEADLINE_SEEDS["digits"] for a in study.GROUPS["headline"])
+    assert study.default_seeds("digits", "sapo_top10") == study.DEFAULT_SEEDS
+    assert len(study.HEADLINE_SEEDS["digits"]) > len(study.HEADLINE_SEEDS["arithmetic"]) == len(study.DEFAULT_SEEDS)
     with pytest.raises(SystemExit, match="not a group"):
         study.selected_arms(["nope"])
 

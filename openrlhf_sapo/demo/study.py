@@ -2,14 +2,16 @@
 
 Every arm of the study is one of the demo's methods (PPO, GRPO, SAPO) with extra flags: VC-PPO, Qwen's Soft
 Adaptive PO (a baseline), SAPO's top-k sweep (Fig. 5), naive-IS (Table 2), other segmenters (Table 3) and
-the value read at segment starts. For each task, every arm trains from the same warm start with the same
-seeds (paired: seed s gives every arm the same prompt order and sampling seed), with the demo's budget per
-run. Runs go to `<out>/<task>/runs/<arm>_seed<s>`; a run that finished with the same command is not run
+the value read at segment starts; and, named with --only, the diagnosis arms (a critic-only warm-up, twice
+the steps) that ask why SAPO loses where it does. For each task, every arm trains from the same warm start
+with the same seeds (paired: seed s gives every arm the same prompt order and sampling seed), with the
+demo's budget per run. Runs go to `<out>/<task>/runs/<arm>_seed<s>`; a run that finished with the same command is not run
 again, so an interrupted study resumes where it stopped. `<out>/study.json` lists the runs; the report
 (demo/study_report.py) is `<out>/report.md` with one plot per figure and one table per table.
 
+    python -m openrlhf_sapo.demo.study                            # the paper's analyses (docs/study)
+    python -m openrlhf_sapo.demo.study --task digits --only critic_warmup budget   # the diagnosis
     python -m openrlhf_sapo.demo.study --quick                    # every arm, 2 steps, 1 seed (a smoke test)
-    python -m openrlhf_sapo.demo.study --task digits --seeds 1 2 3 4 5 --only headline topk
 """
 
 from __future__ import annotations
@@ -83,15 +85,18 @@ GROUPS: Dict[str, Tuple[str, ...]] = {
     "budget": ("sapo", "sapo_long", "ppo", "ppo_long", "grpo", "grpo_long"),  # item 4: the budget?
 }
 
-# Seeds: enough for the headline comparison to resolve a 2-point difference at the spread the full study
-# measured (docs/study: paired sd of SAPO vs PPO / GRPO on digits), 5 for the ablations (their paper gaps
-# are 5-11 points).
-HEADLINE_SEEDS = tuple(range(1, 16))
+# The paper's analyses; the diagnosis groups (critic_warmup, budget) run when named with --only.
+PAPER_GROUPS = ("headline", "topk", "ratio", "segmenter", "value_at")
+
+# Seeds: the headline comparison (SAPO vs PPO and vs GRPO) resolves a 2-point difference (95% interval
+# +-2) at the paired spread the full study measured (docs/study/README.md): sd 3.3-3.6 points on digits
+# -> 13-15 seeds, 0.8-1.5 on arithmetic -> 3-5 seeds. The ablations keep 5 (the paper's gaps are 5-11 points).
+HEADLINE_SEEDS = {"digits": tuple(range(1, 16)), "arithmetic": (1, 2, 3, 4, 5)}
 DEFAULT_SEEDS = (1, 2, 3, 4, 5)
 
 
-def default_seeds(arm: str) -> Tuple[int, ...]:
-    return HEADLINE_SEEDS if arm in GROUPS["headline"] else DEFAULT_SEEDS
+def default_seeds(task: str, arm: str) -> Tuple[int, ...]:
+    return HEADLINE_SEEDS.get(task, DEFAULT_SEEDS) if arm in GROUPS["headline"] else DEFAULT_SEEDS
 
 
 def arm_command(arm_name: str, seed: int, preset, prepared: dict, run_dir: str) -> List[str]:
@@ -102,10 +107,11 @@ def arm_command(arm_name: str, seed: int, preset, prepared: dict, run_dir: str) 
     return cmd + list(arm.flags) + (["--critic.freezing_steps", str(warmup)] if warmup else [])
 
 
-def selected_arms(only: Optional[List[str]]) -> List[str]:
-    """Arms of the named groups or arms (every arm without --only), in ARMS order."""
+def selected_arms(only: Optional[List[str]], every_arm: bool = False) -> List[str]:
+    """Arms of the named groups or arms, in ARMS order; without --only the paper's groups (every arm with
+    `every_arm`: the quick smoke test)."""
     if not only:
-        return list(ARMS)
+        return list(ARMS) if every_arm else selected_arms(list(PAPER_GROUPS))
     wanted = set()
     for name in only:
         if name in GROUPS:
@@ -150,11 +156,13 @@ def main(argv: Optional[List[str]] = None) -> dict:
                         help="the demo tasks to run (default both: digits is the VLM task, arithmetic the text one)")
     parser.add_argument("--quick", action="store_true", help="the demo's quick preset, one seed: a smoke test")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
-                        help=f"paired seeds (default: 1-{len(HEADLINE_SEEDS)} for the headline arms, "
-                             f"1-{len(DEFAULT_SEEDS)} for the others; --quick: 1)")
+                        help="paired seeds (default: the headline arms "
+                             + ", ".join(f"1-{len(s)} on {t}" for t, s in HEADLINE_SEEDS.items())
+                             + f", the others 1-{len(DEFAULT_SEEDS)}; --quick: 1)")
     parser.add_argument("--steps", type=int, default=None, help="RL steps per run (default: the preset's)")
     parser.add_argument("--only", nargs="+", default=None, metavar="GROUP_OR_ARM",
-                        help=f"groups ({', '.join(GROUPS)}) or arms ({', '.join(ARMS)}); default: all")
+                        help=f"groups ({', '.join(GROUPS)}) or arms ({', '.join(ARMS)}); default: the paper's "
+                             f"groups ({', '.join(PAPER_GROUPS)}); --quick: every arm")
     parser.add_argument("--no-report", action="store_true", help="train only")
     args = parser.parse_args(argv)
 
@@ -165,8 +173,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     preset_name = "quick" if args.quick else "full"
-    arms = selected_arms(args.only)
-    seeds_of = {arm: tuple(args.seeds or ((1,) if args.quick else default_seeds(arm))) for arm in arms}
+    arms = selected_arms(args.only, every_arm=args.quick)
+    seeds_of = {(task, arm): tuple(args.seeds or ((1,) if args.quick else default_seeds(task, arm)))
+                for task in args.task for arm in arms}
     preset = replace(PRESETS[preset_name], seeds=tuple(sorted(set().union(*seeds_of.values()))))
     if args.steps:
         preset = replace(preset, steps=args.steps)
@@ -182,7 +191,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
                "runs": {}, "finished": False}
 
     summary["runs"] = earlier_runs(summary_path, summary)
-    runs = [(task, seed, arm) for task in args.task for seed in preset.seeds for arm in arms if seed in seeds_of[arm]]
+    runs = [(task, seed, arm) for task in args.task for seed in preset.seeds for arm in arms
+            if seed in seeds_of[task, arm]]
     bar_file = os.fdopen(os.dup(2), "w", buffering=1)
     bar = tqdm(total=sum(arm_steps(ARMS[arm], preset)[0] for _, _, arm in runs), desc="RL steps (whole study)",
                unit="step", file=bar_file)
