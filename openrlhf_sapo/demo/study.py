@@ -5,8 +5,8 @@ Adaptive PO (a baseline), SAPO's top-k sweep (Fig. 5), naive-IS (Table 2), other
 the value read at segment starts; and, named with --only, the diagnosis arms (a critic-only warm-up, twice
 the steps) that ask why SAPO loses where it does. For each task, every arm trains from the same warm start
 with the same seeds (paired: seed s gives every arm the same prompt order and sampling seed), with the
-demo's budget per run. Runs go to `<out>/<task>/runs/<arm>_seed<s>`; a run that finished with the same command is not run
-again, so an interrupted study resumes where it stopped. `<out>/study.json` lists the runs; the report
+demo's budget per run. Runs go to `<out>/<task>/runs/<arm>_seed<s>`; a run that finished with the same
+command is not run again, so an interrupted study resumes where it stopped. `<out>/study.json` lists the runs; the report
 (demo/study_report.py) is `<out>/report.md` with one plot per figure and one table per table.
 
     python -m openrlhf_sapo.demo.study                            # the paper's analyses (docs/study)

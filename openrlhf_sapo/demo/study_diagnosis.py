@@ -21,8 +21,7 @@ from typing import Dict, List, Tuple
 import numpy as np
 
 from openrlhf_sapo.demo import figures
-from openrlhf_sapo.demo.report import curve, eval_key
-from openrlhf_sapo.demo.study_stats import final_accuracy, late_mean, mean_ci, verdict
+from openrlhf_sapo.demo.study_stats import accuracy_by_step, final_accuracy, late_mean, mean_ci, verdict
 
 CRITIC_ARMS = ("ppo", "vcppo", "sapo", "ppo_critic_warmup", "sapo_critic_warmup", "ppo_long", "sapo_long")
 # The interventions (study.py's critic_warmup and budget groups): (arm, against, what a positive difference says)
@@ -46,10 +45,7 @@ SEGMENTER_ARMS = ("sapo", "sapo_newline", "sapo_step", "sapo_lowprob", "sapo_fix
 def late_explained_variance(arm_seeds: Dict[int, List[dict]]) -> Dict[int, float]:
     """Per seed, the mean explained variance over the last third of training, each step clipped to
     [-1, 1] first (a batch whose returns barely vary, all answers wrong, gives -1e14)."""
-    clipped = {seed: [dict(r, **{EXPLAINED_VARIANCE: float(np.clip(r[EXPLAINED_VARIANCE], -1.0, 1.0))})
-                      if isinstance(r.get(EXPLAINED_VARIANCE), (int, float)) else r for r in rows]
-               for seed, rows in arm_seeds.items()}
-    return late_mean(clipped, EXPLAINED_VARIANCE)
+    return late_mean(arm_seeds, EXPLAINED_VARIANCE, clip=(-1.0, 1.0))
 
 
 def _cell(values) -> str:
@@ -74,14 +70,6 @@ def critic_quality(runs: Dict[str, Dict[str, Dict[int, List[dict]]]], labels) ->
             lines.append(f"| {task} | {labels.get(arm, arm)} | {_cell(ev.values())} | "
                          f"{_cell(late_mean(arm_runs[arm], 'critic_loss').values())} |")
     return lines, means
-
-
-def accuracy_by_step(rows: List[dict]) -> Dict[int, float]:
-    key = eval_key(rows)
-    if not key:
-        return {}
-    steps, acc = curve(rows, "eval", key)
-    return {int(s): float(100 * a) for s, a in zip(steps, acc)}
 
 
 def gap_over_training(arm_runs, arm: str, reference: str = "sapo") -> List[Tuple[int, float, float, float, int]]:

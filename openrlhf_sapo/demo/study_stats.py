@@ -72,18 +72,27 @@ def spearman(x, y) -> float:
 
 
 
+def accuracy_by_step(rows: List[dict]) -> Dict[int, float]:
+    """Held-out accuracy (%) at each evaluation step, in step order."""
+    key = eval_key(rows)
+    if not key:
+        return {}
+    steps, acc = curve(rows, "eval", key)
+    return {int(s): float(100 * a) for s, a in zip(steps, acc)}
+
+
 def final_accuracy(rows: List[dict]) -> float:
     """Held-out accuracy (%) at the last evaluation."""
-    key = eval_key(rows)
-    _, acc = curve(rows, "eval", key) if key else (None, np.array([]))
-    return float(100 * acc[-1]) if acc.size else math.nan
+    by_step = accuracy_by_step(rows)
+    return by_step[max(by_step)] if by_step else math.nan
 
 
-def late_mean(arm_seeds: Dict[int, List[dict]], key: str) -> Dict[int, float]:
-    """Per seed, the mean of `key` over the last third of the training steps."""
+def late_mean(arm_seeds: Dict[int, List[dict]], key: str, clip: Optional[Tuple[float, float]] = None) -> Dict[int, float]:
+    """Per seed, the mean of `key` over the last third of the training steps (each step clipped to `clip`)."""
     out = {}
     for seed, rows in arm_seeds.items():
         steps, values = curve(rows, "train", key)
         if len(steps):
+            values = np.clip(values, *clip) if clip else values
             out[seed] = float(values[steps >= steps.max() - (steps.max() - 1) / 3].mean())
     return out
